@@ -1,0 +1,521 @@
+"""The ``lazyfs`` command.
+
+The only module that reads environment variables: it turns flags and the
+environment into frozen config objects and hands them to the library.  Every
+deliberate error (:class:`~lazyfs.errors.LazyfsError`) is printed as one line
+on stderr with a non-zero exit; ``--debug`` adds tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import uvloop
+
+from lazyfs import __version__
+from lazyfs.catalog import list_refs, load_manifest, resolve_ref
+from lazyfs.config import MountConfig, OriginConfig, SeedConfig
+from lazyfs.errors import LazyfsError, UsageError
+from lazyfs.manifest import EntryType, Manifest, parse_ref
+from lazyfs.origin import open_origin
+from lazyfs.progress import human_bytes, open_progress
+from lazyfs.seed import seed
+
+__all__ = ["main", "origin_config_from_env", "parse_size"]
+
+log = logging.getLogger("lazyfs")
+T = TypeVar("T")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """``4MiB``, ``64M``, ``10G``, ``1073741824`` -> bytes (binary multiples)."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"bad size {text!r}: use a number with an optional K/M/G/T suffix, like 4MiB")
+    n, unit = float(m.group(1)), m.group(2).lower()
+    mult = 1024 ** " kmgtp".index(unit) if unit else 1
+    return int(n * mult)
+
+
+def origin_config_from_env(env: Mapping[str, str]) -> OriginConfig:
+    return OriginConfig(
+        s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+    )
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    async def wrapper() -> T:
+        return await coro_fn()
+
+    return uvloop.run(wrapper())
+
+
+# --- seed ---------------------------------------------------------------------
+
+
+def _cmd_seed(args: argparse.Namespace) -> int:
+    ref = parse_ref(args.name, allow_digest=False)
+    chunk_size = parse_size(args.chunk_size)
+    if chunk_size < 64 * 1024 or chunk_size > 256 * 1024 * 1024 or chunk_size % 4096:
+        raise UsageError("--chunk-size must be a multiple of 4 KiB between 64 KiB and 256 MiB")
+    if not -7 <= args.zstd_level <= 22:
+        raise UsageError("--zstd-level must be between -7 and 22")
+    config = SeedConfig(
+        chunk_size=chunk_size,
+        zstd_level=args.zstd_level,
+        upload_concurrency=args.jobs,
+    )
+    src = Path(args.src)
+    if not os.path.lexists(src):
+        raise UsageError(f"{src}: no such file or directory")
+    origin_config = origin_config_from_env(os.environ)
+
+    async def go() -> int:
+        origin = open_origin(args.origin, origin_config)
+        try:
+            progress = open_progress(f"seed {ref}", quiet=args.quiet)
+            result = await seed(src, origin, ref, config, progress)
+        finally:
+            await origin.aclose()
+        if not args.quiet:
+            print(
+                f"published {result.files} files, {human_bytes(result.bytes_total)} "
+                f"({result.chunks_new} new chunks, {result.chunks_reused} reused; "
+                f"uploaded {human_bytes(result.bytes_uploaded)} in {result.packs_uploaded} packs, "
+                f"{result.packs_skipped} already there) in {result.seconds:.1f} s",
+                file=sys.stderr,
+            )
+        print(f"{result.ref} {result.digest}")
+        return 0
+
+    return _run(go)
+
+
+# --- inspect ------------------------------------------------------------------
+
+_TYPE_CHAR = {
+    EntryType.DIR: "d",
+    EntryType.REG: "-",
+    EntryType.SYMLINK: "l",
+    EntryType.HARDLINK: "h",
+    EntryType.CHR: "c",
+    EntryType.BLK: "b",
+    EntryType.FIFO: "p",
+    EntryType.SOCK: "s",
+}
+
+
+def _mode_string(et: EntryType, mode: int) -> str:
+    return _TYPE_CHAR[et] + stat.filemode(mode)[1:]
+
+
+def _show_path(p: bytes) -> str:
+    text = p.decode("utf-8", "backslashreplace")
+    return "/" + text.replace("\n", "\\n")
+
+
+def format_tree(m: Manifest) -> list[str]:
+    lines = []
+    for e in m.entries:
+        target = m.resolve(e)
+        nchunks = len(target.chunks) if target.type is EntryType.REG else 0
+        size = target.size if e.type is EntryType.HARDLINK else e.size
+        suffix = ""
+        if e.type is EntryType.SYMLINK:
+            suffix = " -> " + e.target.decode("utf-8", "backslashreplace")
+        elif e.type is EntryType.HARDLINK:
+            suffix = " => " + _show_path(e.target)
+        elif e.type in (EntryType.CHR, EntryType.BLK):
+            suffix = f" [{os.major(e.rdev)},{os.minor(e.rdev)}]"
+        lines.append(
+            f"{_mode_string(e.type, e.mode)} {e.uid:>5} {e.gid:>5} {size:>14,} {nchunks:>6}  "
+            f"{_show_path(e.path)}{suffix}"
+        )
+    return lines
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    ref = parse_ref(args.ref)
+    origin_config = origin_config_from_env(os.environ)
+
+    async def go() -> int:
+        origin = open_origin(args.origin, origin_config)
+        try:
+            digest = await resolve_ref(origin, ref)
+            _, m = await load_manifest(origin, digest)
+        finally:
+            await origin.aclose()
+        print(f"{ref}  manifest {digest}")
+        files = sum(1 for e in m.entries if e.type is EntryType.REG)
+        print(
+            f"{len(m.entries)} entries, {files} files, {human_bytes(m.total_size)} "
+            f"in {len(m.chunks)} chunks of up to {human_bytes(m.chunk_size)}, "
+            f"{human_bytes(m.stored_size)} stored in {len(m.packs)} packs"
+        )
+        for k, v in m.annotations:
+            print(f"annotation {k}: {v}")
+        print(f"{'mode':10} {'uid':>5} {'gid':>5} {'size':>14} {'chunks':>6}  path")
+        for line in format_tree(m):
+            print(line)
+        return 0
+
+    return _run(go)
+
+
+def _cmd_refs(args: argparse.Namespace) -> int:
+    origin_config = origin_config_from_env(os.environ)
+
+    async def go() -> int:
+        origin = open_origin(args.origin, origin_config)
+        try:
+            for r in await list_refs(origin):
+                print(r)
+        finally:
+            await origin.aclose()
+        return 0
+
+    return _run(go)
+
+
+# --- mount / umount / status / prefetch / cache ---------------------------------
+
+
+def default_cache_dir(env: Mapping[str, str]) -> str:
+    if os.geteuid() == 0:
+        return "/var/cache/lazyfs"
+    base = env.get("XDG_CACHE_HOME") or os.path.join(env.get("HOME") or os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lazyfs")
+
+
+def default_runtime_dir(env: Mapping[str, str]) -> str:
+    if os.geteuid() == 0:
+        return "/run/lazyfs"
+    xdg = env.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "lazyfs") if xdg else f"/tmp/lazyfs-{os.getuid()}"
+
+
+def _mount_config(args: argparse.Namespace) -> MountConfig:
+    env = os.environ
+    parse_ref(args.ref)  # a bad ref fails here, before any daemon starts
+    if args.read_timeout <= 0:
+        raise UsageError("--read-timeout must be positive")
+    metrics = args.metrics_addr
+    if metrics is not None and not re.match(r"^[^:]*:\d{1,5}$", metrics):
+        raise UsageError(f"bad --metrics-addr {metrics!r}: use HOST:PORT")
+    allow_other = args.allow_other if args.allow_other is not None else os.geteuid() == 0
+    return MountConfig(
+        origin=args.origin,
+        ref=args.ref,
+        mountpoint=os.path.abspath(args.mountpoint),
+        cache_dir=os.path.abspath(args.cache_dir or default_cache_dir(env)),
+        cache_size=parse_size(args.cache_size),
+        read_timeout=args.read_timeout,
+        allow_other=allow_other,
+        metrics_addr=metrics,
+        runtime_dir=default_runtime_dir(env),
+        origin_config=origin_config_from_env(env),
+    )
+
+
+def _cmd_mount(args: argparse.Namespace) -> int:
+    config = _mount_config(args)
+    if not os.path.isdir(config.mountpoint):
+        raise UsageError(f"{config.mountpoint}: mountpoint is not a directory")
+    if os.path.ismount(config.mountpoint):
+        raise UsageError(f"{config.mountpoint}: something is already mounted there")
+    if args.foreground:
+        return _mount_foreground(config, args.ready_fd)
+    return _mount_background(args, config)
+
+
+def _mount_foreground(config: MountConfig, ready_fd: int | None) -> int:
+    from lazyfs.daemon import run_mount
+
+    def ready(m: object) -> None:
+        log.info("mounted %s at %s", config.ref, config.mountpoint)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+
+    try:
+        _run(lambda: run_mount(config, ready))
+    except LazyfsError as exc:
+        if ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(ready_fd, f"error: {exc}\n".encode())
+        raise
+    return 0
+
+
+def _mount_background(args: argparse.Namespace, config: MountConfig) -> int:
+    """Start the daemon detached and return once the mount is ready (or report its error)."""
+    os.makedirs(config.cache_dir, exist_ok=True)
+    log_path = os.path.join(config.cache_dir, "daemon.log")
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "lazyfs"]
+    if args.debug:
+        argv.append("--debug")
+    argv += ["mount", config.origin, config.ref, config.mountpoint, "--foreground", "--ready-fd", str(w),
+             "--cache-dir", config.cache_dir, "--cache-size", str(config.cache_size),
+             "--read-timeout", str(config.read_timeout),
+             "--allow-other" if config.allow_other else "--no-allow-other"]
+    if config.metrics_addr:
+        argv += ["--metrics-addr", config.metrics_addr]
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True
+        )
+    os.close(w)
+    with os.fdopen(r, "rb") as rf:
+        msg = rf.read().decode(errors="replace").strip()  # EOF when the child writes or exits
+    if msg == "ok":
+        print(f"mounted {config.ref} at {config.mountpoint} (daemon pid {proc.pid}, log {log_path})",
+              file=sys.stderr)
+        return 0
+    rc = proc.wait(timeout=60)
+    raise LazyfsError(msg.removeprefix("error: ") if msg else f"the mount daemon exited ({rc}); see {log_path}")
+
+
+def _control(mountpoint: str, name: bytes) -> bytes:
+    from lazyfs.daemon import CONTROL_XATTR
+
+    mp = os.path.abspath(mountpoint)
+    if not os.path.ismount(mp):
+        raise UsageError(f"{mp} is not a mount point")
+    try:
+        return os.getxattr(mp, name.decode())
+    except OSError as exc:
+        if name == CONTROL_XATTR or exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            raise UsageError(f"{mp} is not a lazyfs mount") from exc
+        raise LazyfsError(f"cannot query {mp}: {exc.strerror}") from exc
+
+
+def _status(mountpoint: str) -> dict[str, Any]:
+    from lazyfs.daemon import STATUS_XATTR
+
+    data: dict[str, Any] = json.loads(_control(mountpoint, STATUS_XATTR))
+    return data
+
+
+def _cmd_umount(args: argparse.Namespace) -> int:
+    mp = os.path.abspath(args.mountpoint)
+    if not os.path.ismount(mp):
+        raise UsageError(f"{mp} is not mounted")
+    try:
+        pid: int | None = int(_status(mp)["pid"])
+    except (LazyfsError, KeyError, ValueError):
+        pid = None
+    cmd = ["fusermount3", "-u", mp] if shutil.which("fusermount3") else ["umount", mp]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0 and os.geteuid() == 0:
+        res = subprocess.run(["umount", mp], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise LazyfsError(f"cannot unmount {mp}: {res.stderr.strip() or 'busy?'}")
+    # Wait for the daemon to finish its cache writes so a remount finds them.
+    deadline = time.monotonic() + 60
+    while pid is not None and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            break
+        time.sleep(0.05)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    st = _status(args.mountpoint)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    f, c = st["fetch"], st["cache"]
+    print(f"{st['ref']} at {st['mountpoint']} (pid {st['pid']}, up {st['uptime_s']} s)")
+    print(f"  manifest   {st['digest']}  from {st['origin']}")
+    print(f"  files      {st['files']}, {human_bytes(st['bytes'])}")
+    print(f"  reads      {f['requests']} chunk requests: {f['memory_hits']} memory, {f['cache_hits']} cache hits, "
+          f"{f['cache_misses']} misses")
+    print(f"  bytes      cache {human_bytes(f['bytes_from_cache'])}, peers {human_bytes(f['bytes_from_peers'])}, "
+          f"origin {human_bytes(f['bytes_from_origin'])}")
+    print(f"  in flight  {f['inflight_chunks']} chunks ({f['queued_chunks']} queued), "
+          f"write-back {human_bytes(f['writeback_pending'])}")
+    print(f"  failures   origin errors {f['origin_errors']}, verification {f['verify_failures']}, "
+          f"deadlines {f['deadline_failures']}, cache writes {f['cache_write_errors']}")
+    print(f"  cache      {st['cache_dir']}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    for note in st.get("notes", []):
+        print(f"  note       {note}")
+    return 0
+
+
+def _cmd_prefetch(args: argparse.Namespace) -> int:
+    import aiohttp
+
+    from lazyfs.daemon import CONTROL_XATTR
+
+    mp = os.path.abspath(args.mountpoint)
+    sock = _control(mp, CONTROL_XATTR).decode()
+    rel: list[str] | None = None
+    if args.paths:
+        rel = []
+        for p in args.paths:
+            ap = os.path.abspath(p if os.path.isabs(p) or p.startswith(".") else os.path.join(mp, p))
+            if not (ap == mp or ap.startswith(mp + "/")):
+                raise UsageError(f"{p} is not inside {mp}")
+            rel.append(os.path.relpath(ap, mp) if ap != mp else "")
+    progress = open_progress(f"prefetch {os.path.basename(mp)}", quiet=args.quiet)
+
+    async def go() -> int:
+        conn = aiohttp.UnixConnector(path=sock)
+        timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+        async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
+            try:
+                resp = await session.post("http://lazyfs/prefetch", json={"paths": rel})
+            except aiohttp.ClientError as exc:
+                raise LazyfsError(f"cannot reach the daemon of {mp}: {exc}") from exc
+            async with resp:
+                if resp.status != 200:
+                    raise LazyfsError(f"prefetch refused: {(await resp.json()).get('error')}")
+                started = False
+                done = 0
+                async for line in resp.content:
+                    msg = json.loads(line)
+                    if "error" in msg:
+                        raise LazyfsError(f"prefetch failed: {msg['error']}")
+                    if not started:
+                        progress.start(int(msg["total"]))
+                        started = True
+                    progress.advance(int(msg["done"]) - done)
+                    done = int(msg["done"])
+                    if msg.get("ok"):
+                        progress.finish()
+                        if not args.quiet:
+                            print(f"prefetched {human_bytes(done)}", file=sys.stderr)
+                        return 0
+        raise LazyfsError("the daemon closed the connection before prefetch finished")
+
+    return _run(go)
+
+
+def _cmd_cache_verify(args: argparse.Namespace) -> int:
+    from lazyfs.store import ChunkStore
+
+    cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(os.environ))
+    if not os.path.isdir(cache_dir):
+        raise UsageError(f"{cache_dir}: no cache here")
+    with ChunkStore.open(Path(cache_dir), 0) as store:
+        report = store.verify(repair=args.repair)
+    print(", ".join(f"{k} {v}" for k, v in dataclasses.asdict(report).items()))
+    problems = report.torn + report.orphans
+    if problems and not args.repair:
+        print(f"lazyfs: {problems} problems found; run with --repair to fix them", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- parser -------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lazyfs", description="Lazily mounted, content-addressed models and images.")
+    p.add_argument("--version", action="version", version=f"lazyfs {__version__}")
+    p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("seed", help="chunk, pack and publish a directory or file")
+    s.add_argument("src", metavar="SRC", help="a directory or a single file")
+    s.add_argument("origin", metavar="ORIGIN", help="file:///dir, s3://bucket/prefix")
+    s.add_argument("--name", required=True, metavar="NAME[:TAG]", help="the ref to publish (tag: latest)")
+    s.add_argument("--chunk-size", default="4MiB", help="chunk size (default 4MiB)")
+    s.add_argument("--zstd-level", type=int, default=SeedConfig().zstd_level, help="zstd level (default 1)")
+    s.add_argument("--jobs", type=int, default=SeedConfig().upload_concurrency, help="parallel uploads")
+    s.add_argument("-q", "--quiet", action="store_true", help="print only the ref and digest")
+    s.set_defaults(fn=_cmd_seed)
+
+    s = sub.add_parser("inspect", help="list a published tree")
+    s.add_argument("origin", metavar="ORIGIN")
+    s.add_argument("ref", metavar="REF", help="name[:tag] or name@digest")
+    s.set_defaults(fn=_cmd_inspect)
+
+    s = sub.add_parser("mount", help="mount a published ref (returns once mounted)")
+    s.add_argument("origin", metavar="ORIGIN")
+    s.add_argument("ref", metavar="REF", help="name[:tag] or name@digest")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--cache-dir", help="cache directory (default $XDG_CACHE_HOME/lazyfs, /var/cache/lazyfs as root)")
+    s.add_argument("--cache-size", default="64GiB", help="cache bound, LRU-evicted (default 64GiB)")
+    s.add_argument("--read-timeout", type=float, default=30.0, help="seconds before a read fails with EIO")
+    s.add_argument("--allow-other", dest="allow_other", action="store_true", default=None,
+                   help="let other users read the mount (default: on as root)")
+    s.add_argument("--no-allow-other", dest="allow_other", action="store_false")
+    s.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics here")
+    s.add_argument("--foreground", action="store_true", help="do not detach")
+    s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    s.set_defaults(fn=_cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount a lazyfs mount and wait for its daemon")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.set_defaults(fn=_cmd_umount)
+
+    s = sub.add_parser("status", help="what a mount's daemon is doing")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_status)
+
+    s = sub.add_parser("prefetch", help="warm the cache with everything or the given paths")
+    s.add_argument("mountpoint", metavar="MOUNTPOINT")
+    s.add_argument("paths", metavar="PATH", nargs="*", help="files or directories (inside the mount)")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_prefetch)
+
+    s = sub.add_parser("cache", help="local cache maintenance")
+    cs = s.add_subparsers(dest="cache_command", required=True, metavar="ACTION")
+    v = cs.add_parser("verify", help="check (and with --repair fix) the cache")
+    v.add_argument("--cache-dir")
+    v.add_argument("--repair", action="store_true")
+    v.set_defaults(fn=_cmd_cache_verify)
+
+    s = sub.add_parser("refs", help="list the refs published at an origin")
+    s.add_argument("origin", metavar="ORIGIN")
+    s.set_defaults(fn=_cmd_refs)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="lazyfs: %(levelname)s: %(message)s",
+    )
+    try:
+        rc: int = args.fn(args)
+        return rc
+    except LazyfsError as exc:
+        if args.debug:
+            log.exception("failed")
+        print(f"lazyfs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("lazyfs: interrupted", file=sys.stderr)
+        return 130
+    except asyncio.CancelledError:
+        print("lazyfs: cancelled", file=sys.stderr)
+        return 130

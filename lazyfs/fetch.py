@@ -1,0 +1,560 @@
+"""ChunkFetcher: every byte a mount serves comes through here.
+
+For one manifest, :meth:`ChunkFetcher.get` returns the verified raw bytes of a
+chunk, trying tiers in order:
+
+1. a small in-memory LRU (a 4 MiB chunk is read by the kernel as several
+   1 MiB requests; they must not each touch the disk);
+2. the local cache (:mod:`lazyfs.store`): raw chunks already verified once,
+   checked again with xxh3 by the store;
+3. extra sources injected by the daemon (the peer tier), each answer verified;
+4. the origin: range GETs of packs, adjacent chunks coalesced into one
+   request, decompressed and verified (BLAKE3) in a thread pool.
+
+Guarantees:
+
+* **single-flight** — concurrent ``get`` calls for one chunk share one fetch;
+* **integrity** — bytes that fail verification are counted, logged, never
+  returned, never cached; the chunk is fetched again (bounded attempts);
+* **priorities** — queued origin work is dispatched best-first:
+  ``DEMAND`` (a blocked reader) before ``READAHEAD`` before ``BACKGROUND``; a
+  demand read joining a queued read-ahead promotes it;
+* **bounded** — at most ``max_requests`` origin requests and
+  ``max_inflight_bytes`` stored bytes in flight, a bounded write-back queue;
+* **deadlines** — ``get`` raises :class:`DeadlineError` when its deadline
+  passes (the FUSE adapter answers EIO), whatever the origin does;
+* **write-back** — verified chunks are written to the cache in the background;
+  a reader never waits for the disk write.  A cache failure is a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import itertools
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import blake3
+import zstandard
+
+from lazyfs.errors import (
+    DeadlineError,
+    IntegrityError,
+    LazyfsError,
+    NotFoundError,
+    OriginError,
+    UnavailableError,
+)
+from lazyfs.manifest import Chunk, Codec, Manifest
+from lazyfs.origin.base import Origin
+
+__all__ = [
+    "ChunkCache",
+    "ChunkFetcher",
+    "ChunkSource",
+    "FetchConfig",
+    "FetchStatistics",
+    "Priority",
+    "decode_chunk",
+]
+
+log = logging.getLogger(__name__)
+MiB = 1024 * 1024
+
+
+class Priority(enum.IntEnum):
+    DEMAND = 0  # a reader is blocked on it
+    READAHEAD = 1  # a sequential reader will want it soon
+    BACKGROUND = 2  # warming (prefetch command, startup traces)
+
+
+class ChunkCache(Protocol):
+    """What the fetcher needs from the local cache (blocking; called in a thread)."""
+
+    def read(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes | None: ...
+
+    def put(self, digest: bytes, data: bytes) -> bool: ...
+
+
+class ChunkSource(Protocol):
+    """An extra tier between the cache and the origin (the peer tier).
+
+    ``fetch`` returns the raw bytes it claims belong to ``chunk`` or ``None``
+    when it cannot serve it; it never needs to verify — the fetcher does.
+    """
+
+    name: str
+
+    async def fetch(self, chunk: Chunk, deadline: float) -> bytes | None: ...
+
+    def report_bad(self, chunk: Chunk) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FetchConfig:
+    # The deadline of a blocked read; past it the reader gets EIO instead of hanging.
+    read_timeout: float = 30.0
+    # Parallel origin requests: enough to fill a 10-25 Gbit/s link with 4-16 MiB ranges.
+    max_requests: int = 16
+    # Stored bytes in flight from the origin; bounds memory whatever the read-ahead asks for.
+    max_inflight_bytes: int = 256 * MiB
+    # Largest coalesced range GET: 4 chunks of 4 MiB amortise request latency, yet a
+    # demand read never waits behind a huge transfer.
+    coalesce_bytes: int = 16 * MiB
+    # Recently used chunks kept in RAM (the kernel reads a 4 MiB chunk in 1 MiB slices).
+    memory_bytes: int = 128 * MiB
+    # Verified chunks waiting to be written to the cache before fetching slows down.
+    writeback_bytes: int = 256 * MiB
+    # Attempts per chunk for bad bytes from the origin (corruption is rare; persistent
+    # corruption means the origin is broken and retrying forever helps nobody).
+    verify_attempts: int = 3
+    # Backoff between retries of a failed origin request.
+    retry_initial: float = 0.05
+    retry_max: float = 2.0
+    # Threads for hashing, decompression and cache I/O (they release the GIL).
+    threads: int = 8
+
+
+@dataclass(frozen=True, slots=True)
+class FetchStatistics:
+    requests: int  # get() calls
+    memory_hits: int
+    cache_hits: int
+    cache_misses: int
+    bytes_from_memory: int
+    bytes_from_cache: int
+    bytes_from_peers: int
+    bytes_from_origin: int  # stored (wire) bytes
+    origin_requests: int
+    origin_errors: int
+    peer_errors: int
+    verify_failures: int
+    deadline_failures: int
+    inflight_chunks: int
+    queued_chunks: int
+    writeback_pending: int
+    cache_write_errors: int
+
+
+def decode_chunk(chunk: Chunk, stored: bytes) -> bytes:
+    """Decompress (if needed) and verify stored bytes; raises IntegrityError on any mismatch."""
+    if len(stored) != chunk.stored_size:
+        raise IntegrityError(
+            f"chunk {chunk.digest.hex()[:16]}: {len(stored)} stored bytes, expected {chunk.stored_size}"
+        )
+    if chunk.codec is Codec.ZSTD:
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=chunk.size)
+        except zstandard.ZstdError as exc:
+            raise IntegrityError(f"chunk {chunk.digest.hex()[:16]}: bad zstd data: {exc}") from exc
+    else:
+        raw = stored
+    return verify_chunk(chunk, raw)
+
+
+def verify_chunk(chunk: Chunk, raw: bytes) -> bytes:
+    if len(raw) != chunk.size or blake3.blake3(raw, max_threads=1).digest() != chunk.digest:
+        raise IntegrityError(f"chunk {chunk.digest.hex()[:16]}: content does not match its digest")
+    return raw
+
+
+@dataclass(eq=False)
+class _Flight:
+    index: int
+    future: asyncio.Future[bytes]
+    priority: Priority
+    seq: int
+    attempts: int = 0
+    queued: bool = False
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class _Counters:
+    requests: int = 0
+    memory_hits: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    bytes_from_memory: int = 0
+    bytes_from_cache: int = 0
+    bytes_from_peers: int = 0
+    bytes_from_origin: int = 0
+    origin_requests: int = 0
+    origin_errors: int = 0
+    peer_errors: int = 0
+    verify_failures: int = 0
+    deadline_failures: int = 0
+    cache_write_errors: int = 0
+
+
+class ChunkFetcher:
+    def __init__(
+        self,
+        manifest: Manifest,
+        origin: Origin,
+        cache: ChunkCache | None = None,
+        config: FetchConfig = FetchConfig(),
+        sources: Sequence[ChunkSource] = (),
+        executor: Executor | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.origin = origin
+        self.cache = cache
+        self.config = config
+        self.sources = list(sources)
+        self._own_executor = executor is None
+        self._executor = executor or ThreadPoolExecutor(config.threads, thread_name_prefix="lazyfs-fetch")
+        self._flights: dict[int, _Flight] = {}
+        self._queue: dict[int, _Flight] = {}  # waiting for an origin request
+        self._seq = itertools.count()
+        self._memory: OrderedDict[int, bytes] = OrderedDict()
+        self._memory_bytes = 0
+        self._active_requests = 0
+        self._inflight_bytes = 0
+        self._wakeup = asyncio.Event()
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writeback_bytes = 0
+        self._writeback_room = asyncio.Condition()
+        self._c = _Counters()
+        self._closed = False
+        # (pack, offset) -> chunk index: finds the neighbours of a chunk inside its pack.
+        self._at: dict[tuple[int, int], int] = {(c.pack, c.offset): i for i, c in enumerate(manifest.chunks)}
+        self._end: dict[tuple[int, int], int] = {
+            (c.pack, c.offset + c.stored_size): i for i, c in enumerate(manifest.chunks)
+        }
+
+    # -- public API ------------------------------------------------------------
+
+    async def get(self, index: int, priority: Priority = Priority.DEMAND, deadline: float | None = None) -> bytes:
+        """Verified raw bytes of chunk ``index``; ``deadline`` is a ``loop.time()`` value."""
+        self._c.requests += 1
+        data = self._memory_get(index)
+        if data is not None:
+            return data
+        flight = self._start(index, priority)
+        loop = asyncio.get_running_loop()
+        if deadline is None:
+            deadline = loop.time() + self.config.read_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await asyncio.shield(flight.future)
+        except TimeoutError:
+            self._c.deadline_failures += 1
+            chunk = self.manifest.chunks[index]
+            raise DeadlineError(
+                f"chunk {chunk.digest.hex()[:16]} could not be fetched within the read deadline"
+            ) from None
+
+    def prefetch_nowait(self, indices: Iterable[int], priority: Priority = Priority.READAHEAD) -> int:
+        """Start fetching ``indices`` (those not in memory or in flight); returns how many started."""
+        started = 0
+        for i in indices:
+            if i in self._memory or i in self._flights:
+                continue
+            self._start(i, priority)
+            started += 1
+        return started
+
+    async def wait_idle(self) -> None:
+        """Wait until no fetch and no cache write is in progress (tests, shutdown)."""
+        while self._flights or self._tasks:
+            await asyncio.gather(*[f.future for f in self._flights.values()], *self._tasks, return_exceptions=True)
+            await asyncio.sleep(0)
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for f in list(self._flights.values()):
+            if f.task is not None:
+                f.task.cancel()
+            if not f.future.done():
+                f.future.set_exception(UnavailableError("the filesystem is shutting down"))
+                f.future.exception()  # mark retrieved
+        self._flights.clear()
+        self._queue.clear()
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
+        # Let pending cache writes finish: they are what the next start hits.
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+
+    def statistics(self) -> FetchStatistics:
+        c = self._c
+        return FetchStatistics(
+            requests=c.requests,
+            memory_hits=c.memory_hits,
+            cache_hits=c.cache_hits,
+            cache_misses=c.cache_misses,
+            bytes_from_memory=c.bytes_from_memory,
+            bytes_from_cache=c.bytes_from_cache,
+            bytes_from_peers=c.bytes_from_peers,
+            bytes_from_origin=c.bytes_from_origin,
+            origin_requests=c.origin_requests,
+            origin_errors=c.origin_errors,
+            peer_errors=c.peer_errors,
+            verify_failures=c.verify_failures,
+            deadline_failures=c.deadline_failures,
+            inflight_chunks=len(self._flights),
+            queued_chunks=len(self._queue),
+            writeback_pending=self._writeback_bytes,
+            cache_write_errors=c.cache_write_errors,
+        )
+
+    # -- memory tier -----------------------------------------------------------
+
+    def _memory_get(self, index: int) -> bytes | None:
+        data = self._memory.get(index)
+        if data is not None:
+            self._memory.move_to_end(index)
+            self._c.memory_hits += 1
+            self._c.bytes_from_memory += len(data)
+        return data
+
+    def _memory_put(self, index: int, data: bytes) -> None:
+        if index in self._memory or len(data) > self.config.memory_bytes:
+            return
+        self._memory[index] = data
+        self._memory_bytes += len(data)
+        while self._memory_bytes > self.config.memory_bytes:
+            _, old = self._memory.popitem(last=False)
+            self._memory_bytes -= len(old)
+
+    # -- flights ---------------------------------------------------------------
+
+    def _start(self, index: int, priority: Priority) -> _Flight:
+        if self._closed:
+            raise UnavailableError("the filesystem is shutting down")
+        flight = self._flights.get(index)
+        if flight is not None:
+            if priority < flight.priority:
+                flight.priority = priority  # a demand read promotes a queued read-ahead
+                if flight.queued:
+                    self._wakeup.set()
+            return flight
+        loop = asyncio.get_running_loop()
+        flight = _Flight(index, loop.create_future(), priority, next(self._seq))
+        self._flights[index] = flight
+        flight.task = asyncio.create_task(self._resolve(flight))
+        return flight
+
+    def _finish(self, flight: _Flight, data: bytes | None = None, exc: BaseException | None = None) -> None:
+        if self._flights.get(flight.index) is flight:
+            del self._flights[flight.index]
+        self._queue.pop(flight.index, None)
+        if flight.future.done():
+            return
+        if exc is not None:
+            flight.future.set_exception(exc)
+            flight.future.exception()  # nobody may be waiting (read-ahead): don't warn
+        else:
+            assert data is not None
+            self._memory_put(flight.index, data)
+            flight.future.set_result(data)
+
+    async def _resolve(self, flight: _Flight) -> None:
+        chunk = self.manifest.chunks[flight.index]
+        loop = asyncio.get_running_loop()
+        try:
+            if self.cache is not None:
+                try:
+                    data = await loop.run_in_executor(self._executor, self.cache.read, chunk.digest, 0, None)
+                except Exception as exc:  # a broken cache is a miss, never a crash
+                    log.warning("cache read of %s failed: %s", chunk.digest.hex()[:16], exc)
+                    data = None
+                if data is not None and len(data) == chunk.size:
+                    self._c.cache_hits += 1
+                    self._c.bytes_from_cache += len(data)
+                    self._finish(flight, data)
+                    return
+                self._c.cache_misses += 1
+            for source in self.sources:
+                data = await self._from_source(source, chunk)
+                if data is not None:
+                    self._finish(flight, data)
+                    self._write_back(chunk, data)
+                    return
+            self._enqueue(flight)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("fetching chunk %d failed unexpectedly", flight.index)
+            self._finish(flight, exc=exc)
+
+    async def _from_source(self, source: ChunkSource, chunk: Chunk) -> bytes | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.read_timeout
+        try:
+            raw = await source.fetch(chunk, deadline)
+        except LazyfsError as exc:
+            self._c.peer_errors += 1
+            log.info("%s could not serve %s: %s", source.name, chunk.digest.hex()[:16], exc)
+            return None
+        if raw is None:
+            return None
+        try:
+            data = await loop.run_in_executor(self._executor, verify_chunk, chunk, raw)
+        except IntegrityError as exc:
+            self._c.verify_failures += 1
+            log.warning("%s sent bad bytes: %s", source.name, exc)
+            source.report_bad(chunk)
+            return None
+        self._c.bytes_from_peers += len(raw)
+        return data
+
+    # -- origin scheduling -----------------------------------------------------
+
+    def _enqueue(self, flight: _Flight) -> None:
+        flight.queued = True
+        self._queue[flight.index] = flight
+        if self._dispatcher is None or self._dispatcher.done():
+            self._dispatcher = asyncio.create_task(self._dispatch())
+        self._wakeup.set()
+
+    async def _dispatch(self) -> None:
+        while not self._closed:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._queue and self._active_requests < self.config.max_requests:
+                best = min(self._queue.values(), key=lambda f: (f.priority, f.seq))
+                run = self._coalesce(best)
+                size = sum(self.manifest.chunks[f.index].stored_size for f in run)
+                # Always let one request through, however large, so progress is guaranteed.
+                if self._active_requests and self._inflight_bytes + size > self.config.max_inflight_bytes:
+                    break
+                for f in run:
+                    del self._queue[f.index]
+                    f.queued = False
+                self._active_requests += 1
+                self._inflight_bytes += size
+                task = asyncio.create_task(self._origin_request(run, size))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _coalesce(self, first: _Flight) -> list[_Flight]:
+        """``first`` plus queued chunks stored right before/after it in the same pack."""
+        chunks = self.manifest.chunks
+        c = chunks[first.index]
+        run = [first]
+        total = c.stored_size
+        # forward
+        nxt = self._at.get((c.pack, c.offset + c.stored_size))
+        while nxt is not None and nxt in self._queue:
+            n = chunks[nxt]
+            if total + n.stored_size > self.config.coalesce_bytes:
+                break
+            run.append(self._queue[nxt])
+            total += n.stored_size
+            nxt = self._at.get((n.pack, n.offset + n.stored_size))
+        # backward
+        prv = self._end.get((c.pack, c.offset))
+        while prv is not None and prv in self._queue:
+            p = chunks[prv]
+            if total + p.stored_size > self.config.coalesce_bytes:
+                break
+            run.insert(0, self._queue[prv])
+            total += p.stored_size
+            prv = self._end.get((p.pack, p.offset))
+        return run
+
+    async def _origin_request(self, run: list[_Flight], size: int) -> None:
+        chunks = self.manifest.chunks
+        first = chunks[run[0].index]
+        pack = self.manifest.packs[first.pack]
+        loop = asyncio.get_running_loop()
+        try:
+            data = await self._read_with_retry(pack.key, first.offset, size)
+        except BaseException as exc:
+            self._release(size)
+            for f in run:
+                self._finish(f, exc=exc if isinstance(exc, Exception) else UnavailableError("cancelled"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        self._release(size)
+        self._c.bytes_from_origin += len(data)
+        pos = 0
+        for f in run:
+            c = chunks[f.index]
+            piece = data[pos : pos + c.stored_size]
+            pos += c.stored_size
+            try:
+                raw = await loop.run_in_executor(self._executor, decode_chunk, c, piece)
+            except IntegrityError as exc:
+                self._c.verify_failures += 1
+                f.attempts += 1
+                log.warning("origin sent bad bytes for chunk %d (attempt %d): %s", f.index, f.attempts, exc)
+                if f.attempts >= self.config.verify_attempts:
+                    self._finish(f, exc=exc)
+                else:
+                    self._enqueue(f)
+                continue
+            self._finish(f, raw)
+            self._write_back(c, raw)
+
+    def _release(self, size: int) -> None:
+        self._active_requests -= 1
+        self._inflight_bytes -= size
+        self._wakeup.set()
+
+    async def _read_with_retry(self, key: str, start: int, length: int) -> bytes:
+        """One range read, retried with exponential backoff until ``read_timeout`` has passed."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.config.read_timeout
+        delay = self.config.retry_initial
+        while True:
+            self._c.origin_requests += 1
+            try:
+                async with asyncio.timeout_at(give_up):
+                    data = await self.origin.read(key, start, length)
+                if len(data) == length:
+                    return data
+                raise UnavailableError(f"{key}: short read ({len(data)} of {length} bytes)")
+            except TimeoutError:
+                self._c.origin_errors += 1
+                raise UnavailableError(f"{key}: the origin did not answer in time") from None
+            except NotFoundError:
+                self._c.origin_errors += 1
+                raise
+            except OriginError as exc:
+                self._c.origin_errors += 1
+                if loop.time() + delay >= give_up:
+                    raise
+                log.info("origin read of %s failed (%s); retrying in %.2f s", key, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.config.retry_max)
+
+    # -- write-back ------------------------------------------------------------
+
+    def _write_back(self, chunk: Chunk, data: bytes) -> None:
+        if self.cache is None:
+            return
+        if self._writeback_bytes + len(data) > self.config.writeback_bytes:
+            # The disk is far behind; skipping a cache write costs a refetch later, not correctness.
+            log.info("cache write-back queue full; not caching %s", chunk.digest.hex()[:16])
+            return
+        self._writeback_bytes += len(data)
+        task = asyncio.create_task(self._put(chunk, data))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _put(self, chunk: Chunk, data: bytes) -> None:
+        cache = self.cache
+        assert cache is not None
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, cache.put, chunk.digest, data)
+        except Exception as exc:
+            self._c.cache_write_errors += 1
+            log.warning("could not write chunk %s to the cache: %s", chunk.digest.hex()[:16], exc)
+        finally:
+            self._writeback_bytes -= len(data)

@@ -1,0 +1,274 @@
+"""LazyFilesystem: a read-only POSIX view of one manifest.  No pyfuse3 here.
+
+All metadata (lookup, getattr, readdir, readlink, xattrs, statfs) is answered
+from an inode table built once from the manifest, so none of it touches the
+network.  ``read`` maps a byte range to chunks and asks the
+:class:`~lazyfs.fetch.ChunkFetcher` for them; a per-handle
+:class:`~lazyfs.prefetch.ReadAhead` widens sequential reads.
+
+Inodes: the root is 1; every non-hardlink entry gets the next number in
+manifest (tree) order, so inode numbers are stable for a given manifest.  A
+HARDLINK entry is another name of its target's inode (``st_nlink`` counts the
+names).  Errors are :class:`~lazyfs.errors.FilesystemError` with an errno.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from lazyfs.errors import FilesystemError
+from lazyfs.fetch import ChunkFetcher, Priority
+from lazyfs.manifest import Entry, EntryType, Manifest
+from lazyfs.prefetch import ReadAhead, ReadAheadConfig
+
+__all__ = ["ROOT_INODE", "Attr", "DirEntry", "LazyFilesystem", "StatFs"]
+
+ROOT_INODE = 1
+_FMT = {
+    EntryType.DIR: stat.S_IFDIR,
+    EntryType.REG: stat.S_IFREG,
+    EntryType.SYMLINK: stat.S_IFLNK,
+    EntryType.CHR: stat.S_IFCHR,
+    EntryType.BLK: stat.S_IFBLK,
+    EntryType.FIFO: stat.S_IFIFO,
+    EntryType.SOCK: stat.S_IFSOCK,
+}
+# Reported block size: one chunk would be honest but makes `du` odd; 4 KiB matches local filesystems.
+BLOCK_SIZE = 4096
+# Names under this prefix answer getxattr on the root but are not listed: the daemon's control channel.
+CONTROL_XATTR_PREFIX = b"user.lazyfs."
+
+
+@dataclass(frozen=True, slots=True)
+class Attr:
+    ino: int
+    mode: int  # including the file-type bits
+    nlink: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev: int
+    blocks: int  # 512-byte units
+
+
+@dataclass(frozen=True, slots=True)
+class DirEntry:
+    name: bytes
+    attr: Attr
+    next_id: int  # readdir offset that resumes after this entry
+
+
+@dataclass(frozen=True, slots=True)
+class StatFs:
+    block_size: int
+    blocks: int
+    files: int
+    name_max: int
+
+
+@dataclass(slots=True)
+class _Handle:
+    ino: int
+    entry: Entry
+    readahead: ReadAhead
+
+
+class LazyFilesystem:
+    def __init__(
+        self,
+        manifest: Manifest,
+        fetcher: ChunkFetcher,
+        readahead: ReadAheadConfig = ReadAheadConfig(),
+        control_xattrs: dict[bytes, Callable[[], bytes]] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.fetcher = fetcher
+        self.readahead_config = readahead
+        self.control_xattrs = control_xattrs or {}
+        self._entries: list[Entry] = []  # ino - 1 -> the entry holding the inode's data
+        self._ino_of_path: dict[bytes, int] = {}
+        self._nlink: list[int] = []
+        self._children: dict[int, list[tuple[bytes, int]]] = {}
+        self._child: dict[tuple[int, bytes], int] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._next_fh = 1
+        self._build()
+
+    def _build(self) -> None:
+        m = self.manifest
+        for e in m.entries:
+            if e.type is EntryType.HARDLINK:
+                continue
+            self._entries.append(e)
+            self._ino_of_path[e.path] = len(self._entries)
+            self._nlink.append(2 if e.type is EntryType.DIR else 1)
+        for e in m.entries:
+            ino = self._ino_of_path[e.target if e.type is EntryType.HARDLINK else e.path]
+            if e.type is EntryType.HARDLINK:
+                self._nlink[ino - 1] += 1
+            if not e.path:
+                continue
+            parent = self._ino_of_path[e.parent]
+            self._children.setdefault(parent, []).append((e.name, ino))
+            self._child[(parent, e.name)] = ino
+            if e.type is EntryType.DIR:
+                self._nlink[parent - 1] += 1
+
+    # -- metadata --------------------------------------------------------------
+
+    def _entry(self, ino: int) -> Entry:
+        if not 1 <= ino <= len(self._entries):
+            raise FilesystemError(errno.ENOENT, f"no inode {ino}")
+        return self._entries[ino - 1]
+
+    def getattr(self, ino: int) -> Attr:
+        e = self._entry(ino)
+        size = e.size
+        return Attr(
+            ino=ino,
+            mode=_FMT[e.type] | e.mode,
+            nlink=self._nlink[ino - 1],
+            uid=e.uid,
+            gid=e.gid,
+            size=size,
+            mtime_ns=e.mtime_ns,
+            rdev=e.rdev,
+            blocks=(size + 511) // 512 if e.type is EntryType.REG else 0,
+        )
+
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        if self._entry(parent).type is not EntryType.DIR:
+            raise FilesystemError(errno.ENOTDIR)
+        if name == b".":
+            return self.getattr(parent)
+        if name == b"..":
+            p = self._entry(parent).parent
+            return self.getattr(self._ino_of_path[p])
+        ino = self._child.get((parent, name))
+        if ino is None:
+            raise FilesystemError(errno.ENOENT)
+        return self.getattr(ino)
+
+    def readdir(self, ino: int, start: int) -> list[DirEntry]:
+        """Children of ``ino`` from offset ``start`` (0 = beginning), in name order."""
+        if self._entry(ino).type is not EntryType.DIR:
+            raise FilesystemError(errno.ENOTDIR)
+        children = self._children.get(ino, [])
+        return [DirEntry(name, self.getattr(c), i + 1) for i, (name, c) in enumerate(children) if i >= start]
+
+    def readlink(self, ino: int) -> bytes:
+        e = self._entry(ino)
+        if e.type is not EntryType.SYMLINK:
+            raise FilesystemError(errno.EINVAL)
+        return e.target
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [k for k, _ in self._entry(ino).xattrs]
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if ino == ROOT_INODE and name in self.control_xattrs:
+            return self.control_xattrs[name]()
+        for k, v in self._entry(ino).xattrs:
+            if k == name:
+                return v
+        raise FilesystemError(errno.ENODATA)
+
+    def statfs(self) -> StatFs:
+        total = sum(e.size for e in self._entries if e.type is EntryType.REG)
+        return StatFs(
+            block_size=BLOCK_SIZE,
+            blocks=(total + BLOCK_SIZE - 1) // BLOCK_SIZE,
+            files=len(self._entries),
+            name_max=255,
+        )
+
+    def path_of(self, ino: int) -> bytes:
+        return self._entry(ino).path
+
+    def ino_of(self, path: bytes) -> int:
+        ino = self._ino_of_path.get(path)
+        if ino is None:
+            e = self.manifest.entry(path)
+            if e is None or e.type is not EntryType.HARDLINK:
+                raise FilesystemError(errno.ENOENT, f"{path!r} is not in the manifest")
+            ino = self._ino_of_path[e.target]
+        return ino
+
+    # -- data ------------------------------------------------------------------
+
+    def open(self, ino: int, flags: int) -> int:
+        e = self._entry(ino)
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise FilesystemError(errno.EROFS)
+        if e.type is EntryType.DIR:
+            raise FilesystemError(errno.EISDIR)
+        if e.type is not EntryType.REG:
+            raise FilesystemError(errno.EACCES)
+        fh = self._next_fh
+        self._next_fh += 1
+        ra = ReadAhead(self.fetcher, e.chunks, self.manifest.chunk_size, e.size, self.readahead_config)
+        self._handles[fh] = _Handle(ino, e, ra)
+        return fh
+
+    def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def read(self, fh: int, offset: int, length: int) -> bytes:
+        h = self._handles.get(fh)
+        if h is None:
+            raise FilesystemError(errno.EBADF)
+        e = h.entry
+        if offset >= e.size or length <= 0:
+            return b""
+        end = min(offset + length, e.size)
+        h.readahead.on_read(offset, end - offset)
+        return await self.read_range(e, offset, end, Priority.DEMAND)
+
+    async def read_range(self, e: Entry, offset: int, end: int, priority: Priority) -> bytes:
+        cs = self.manifest.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        idx = e.chunks[first : last + 1]
+        if len(idx) == 1:
+            data = await self.fetcher.get(idx[0], priority)
+            return data[offset - first * cs : end - first * cs]
+        parts = await asyncio.gather(*(self.fetcher.get(i, priority) for i in idx))
+        out = b"".join(parts)
+        return out[offset - first * cs : end - first * cs]
+
+    async def warm(self, paths: list[bytes] | None = None, on_chunk: Callable[[int], None] | None = None) -> int:
+        """Fetch every chunk of ``paths`` (all files when None) at BACKGROUND priority.
+
+        Returns the number of bytes covered; ``on_chunk`` is called with each chunk's size.
+        """
+        files: list[Entry] = []
+        if paths is None:
+            files = [x for x in self._entries if x.type is EntryType.REG]
+        for path in paths or []:
+            e = self._entries[self.ino_of(path) - 1]
+            if e.type is EntryType.DIR:
+                prefix = e.path + b"/" if e.path else b""
+                files += [x for x in self._entries if x.type is EntryType.REG and x.path.startswith(prefix)]
+            elif e.type is EntryType.REG:
+                files.append(e)
+        todo = list(dict.fromkeys(i for f in files for i in f.chunks))
+        total = 0
+        # A bounded window keeps warming from crowding out demand reads and memory.
+        sem = asyncio.Semaphore(32)
+
+        async def one(i: int) -> None:
+            nonlocal total
+            async with sem:
+                await self.fetcher.get(i, Priority.BACKGROUND)
+            size = self.manifest.chunks[i].size
+            total += size
+            if on_chunk is not None:
+                on_chunk(size)
+
+        await asyncio.gather(*(one(i) for i in todo))
+        return total

@@ -1,0 +1,219 @@
+"""Thin pyfuse3 adapter: the only module that imports pyfuse3.
+
+Translates kernel requests to :class:`~lazyfs.fs.LazyFilesystem` calls and
+errors to ``FUSEError(errno)``.  Content is immutable, so entries and
+attributes are cached by the kernel for a long time and open files keep their
+page cache (``keep_cache``).  After mounting, the mount's ``read_ahead_kb`` is
+raised so the kernel sends 1 MiB reads (measured: pyfuse3 serves ~2.0 GB/s
+with 128 KiB requests and ~3.5 GB/s with 1 MiB requests).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pyfuse3
+import pyfuse3.asyncio
+
+from lazyfs.errors import LazyfsError
+from lazyfs.fs import Attr, LazyFilesystem
+
+__all__ = ["FuseAdapter", "close", "mount", "run", "tune_read_ahead"]
+
+log = logging.getLogger(__name__)
+
+pyfuse3.asyncio.enable()
+
+# The manifest never changes under a mount: let the kernel keep lookups and attributes a day.
+CACHE_TIMEOUT = 86400.0
+# 1 MiB read requests: the kernel's read-ahead size bounds the size of the reads it sends.
+READ_AHEAD_KB = 1024
+
+
+class FuseAdapter(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, fs: LazyFilesystem) -> None:
+        super().__init__()
+        self.fs = fs
+
+    def _attr(self, a: Attr) -> pyfuse3.EntryAttributes:
+        out = pyfuse3.EntryAttributes()
+        out.st_ino = a.ino
+        out.generation = 0
+        out.entry_timeout = CACHE_TIMEOUT
+        out.attr_timeout = CACHE_TIMEOUT
+        out.st_mode = a.mode
+        out.st_nlink = a.nlink
+        out.st_uid = a.uid
+        out.st_gid = a.gid
+        out.st_rdev = a.rdev
+        out.st_size = a.size
+        out.st_blksize = 4096
+        out.st_blocks = a.blocks
+        out.st_atime_ns = a.mtime_ns
+        out.st_mtime_ns = a.mtime_ns
+        out.st_ctime_ns = a.mtime_ns
+        return out
+
+    @staticmethod
+    def _fail(exc: Exception, what: str) -> pyfuse3.FUSEError:
+        if isinstance(exc, LazyfsError):
+            if exc.errno == errno.EIO:
+                log.warning("%s failed: %s", what, exc)
+            return pyfuse3.FUSEError(exc.errno)
+        log.exception("%s failed unexpectedly", what)
+        return pyfuse3.FUSEError(errno.EIO)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        try:
+            return self._attr(self.fs.lookup(parent_inode, name))
+        except Exception as exc:
+            raise self._fail(exc, "lookup") from None
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        try:
+            return self._attr(self.fs.getattr(inode))
+        except Exception as exc:
+            raise self._fail(exc, "getattr") from None
+
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        try:
+            return self.fs.readlink(inode)
+        except Exception as exc:
+            raise self._fail(exc, "readlink") from None
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        try:
+            self.fs.readdir(inode, 1 << 62)  # validates that it is a directory
+        except Exception as exc:
+            raise self._fail(exc, "opendir") from None
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        try:
+            entries = self.fs.readdir(fh, start_id)
+        except Exception as exc:
+            raise self._fail(exc, "readdir") from None
+        for d in entries:
+            if not pyfuse3.readdir_reply(token, d.name, self._attr(d.attr), d.next_id):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        pass
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        try:
+            fh = self.fs.open(inode, flags)
+        except Exception as exc:
+            raise self._fail(exc, "open") from None
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        try:
+            return await self.fs.read(fh, off, size)
+        except Exception as exc:
+            raise self._fail(exc, "read") from None
+
+    async def release(self, fh: int) -> None:
+        self.fs.release(fh)
+
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        try:
+            return self.fs.getxattr(inode, name)
+        except LazyfsError as exc:
+            if exc.errno == errno.ENODATA:
+                raise pyfuse3.FUSEError(pyfuse3.ENOATTR) from None
+            raise self._fail(exc, "getxattr") from None
+        except Exception as exc:
+            raise self._fail(exc, "getxattr") from None
+
+    async def listxattr(self, inode: int, ctx: Any) -> Sequence[bytes]:
+        try:
+            return self.fs.listxattr(inode)
+        except Exception as exc:
+            raise self._fail(exc, "listxattr") from None
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = self.fs.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = s.block_size
+        out.f_frsize = s.block_size
+        out.f_blocks = s.blocks
+        out.f_bfree = 0
+        out.f_bavail = 0
+        out.f_files = s.files
+        out.f_ffree = 0
+        out.f_favail = 0
+        out.f_namemax = s.name_max
+        return out
+
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        # default_permissions makes the kernel check modes; only refuse writes here.
+        return not (mode & os.W_OK)
+
+
+def mount(fs: LazyFilesystem, mountpoint: Path, *, allow_other: bool, fsname: str) -> None:
+    """Mount ``fs`` at ``mountpoint`` (read-only).  Call :func:`run` next."""
+    options = set(pyfuse3.default_options)  # default_permissions: the kernel enforces modes
+    options |= {"ro", f"fsname={fsname}", "subtype=lazyfs"}
+    if allow_other:
+        options.add("allow_other")
+    pyfuse3.init(FuseAdapter(fs), str(mountpoint), options)
+
+
+async def run() -> None:
+    """Serve requests until the filesystem is unmounted or :func:`terminate` is called."""
+    # Up to 256 concurrent request handlers: readers blocked on the network must not
+    # starve metadata requests or reads that would hit the cache.
+    await pyfuse3.main(min_tasks=4, max_tasks=256)
+
+
+def terminate() -> None:
+    pyfuse3.terminate()
+
+
+def close(unmount: bool = True) -> None:
+    pyfuse3.close(unmount=unmount)
+
+
+def mount_device(mountpoint: Path) -> str | None:
+    """``major:minor`` of the filesystem mounted at ``mountpoint``, from /proc/self/mountinfo.
+
+    Read from mountinfo rather than ``stat(mountpoint)``: a stat from the daemon's own
+    thread would wait for a FUSE reply that only this process can give.
+    """
+    want = os.path.realpath(mountpoint)
+    found = None
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                mp = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+                if os.fsdecode(mp) == want:
+                    found = fields[2].decode()  # the last (topmost) mount wins
+    except OSError:
+        return None
+    return found
+
+
+def tune_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> str | None:
+    """Raise the mount's read-ahead; returns why it could not, or None on success."""
+    dev = mount_device(mountpoint)
+    if dev is None:
+        return f"could not find {mountpoint} in /proc/self/mountinfo; read-ahead not tuned"
+    try:
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(f"{kb}\n")
+        return None
+    except OSError as exc:
+        return f"could not raise read_ahead_kb to {kb} ({exc.strerror}); the kernel will send 128 KiB reads"

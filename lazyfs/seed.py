@@ -1,0 +1,477 @@
+"""Publishing: chunk a tree, pack and upload the chunks, publish the manifest, then the ref.
+
+Pipeline (memory stays bounded; no whole-file buffers)::
+
+    scan (lstat, readlink, xattrs; hardlinks detected by (dev, ino))
+      -> chunk jobs in tree order, a bounded window in a thread pool:
+         pread 4 MiB -> BLAKE3 -> (new digests only) zstd, kept if it saves >= 10 %
+      -> packer, in order: stored chunks appended to a ~64 MiB pack; a full pack is
+         sealed (digest = BLAKE3 of its bytes) and uploaded by a bounded set of tasks
+      -> manifest (canonical) -> ``manifests/<digest>`` -> finally ``refs/<name>/<tag>``
+
+Deduplication: chunks already stored at the origin (found in any manifest there)
+or earlier in this run are referenced, not uploaded again.
+
+Resumability: packing is deterministic (tree order, the same dedup set, the
+same zstd level), so a re-run after an interruption rebuilds identical packs
+and skips every pack whose object already exists.  The ref is written last,
+so it never points at a manifest whose packs are incomplete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import blake3
+import zstandard
+
+from lazyfs.config import SeedConfig
+from lazyfs.errors import LazyfsError, ManifestError, NotFoundError, SeedError, UsageError
+from lazyfs.manifest import (
+    ChunkLocation,
+    Codec,
+    Entry,
+    EntryType,
+    Manifest,
+    ManifestBuilder,
+    Pack,
+    Ref,
+    decode,
+    digest_of,
+    encode,
+    tree_key,
+)
+from lazyfs.origin.base import Origin
+from lazyfs.progress import NullProgress, ProgressReporter
+
+__all__ = ["SeedResult", "SourceFile", "known_chunks", "publish", "scan_tree", "seed"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """A regular file to chunk: where its bytes are and the manifest path they belong to."""
+
+    path: bytes  # manifest path
+    source: str  # filesystem path to read
+    size: int
+
+
+@dataclass(frozen=True)
+class SeedResult:
+    digest: str
+    ref: Ref
+    manifest: Manifest
+    files: int
+    bytes_total: int  # file bytes in the tree (each inode once)
+    bytes_new: int  # raw bytes of chunks new to the origin
+    bytes_uploaded: int  # pack bytes actually written (0 for an unchanged tree)
+    packs_uploaded: int
+    packs_skipped: int  # already present (a resumed seed)
+    chunks_new: int
+    chunks_reused: int
+    seconds: float
+
+
+# --- scanning -----------------------------------------------------------------
+
+_TYPES = {
+    stat.S_IFDIR: EntryType.DIR,
+    stat.S_IFREG: EntryType.REG,
+    stat.S_IFLNK: EntryType.SYMLINK,
+    stat.S_IFCHR: EntryType.CHR,
+    stat.S_IFBLK: EntryType.BLK,
+    stat.S_IFIFO: EntryType.FIFO,
+    stat.S_IFSOCK: EntryType.SOCK,
+}
+
+
+def _xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EPERM):
+            return ()
+        raise
+    out = []
+    for name in names:
+        try:
+            out.append((name.encode(), os.getxattr(path, name, follow_symlinks=False)))
+        except OSError as exc:
+            if exc.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM):
+                continue
+            raise
+    return tuple(sorted(out))
+
+
+def _entry(rel: bytes, fs_path: bytes, st: os.stat_result) -> Entry:
+    et = _TYPES.get(stat.S_IFMT(st.st_mode))
+    if et is None:
+        raise SeedError(f"cannot publish {os.fsdecode(fs_path)}: unsupported file type")
+    target = os.readlink(fs_path) if et is EntryType.SYMLINK else b""
+    return Entry(
+        path=rel,
+        type=et,
+        mode=stat.S_IMODE(st.st_mode),
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime_ns=st.st_mtime_ns,
+        size=st.st_size if et is EntryType.REG else len(target),
+        target=target,
+        rdev=st.st_rdev if et in (EntryType.CHR, EntryType.BLK) else 0,
+        xattrs=_xattrs(fs_path),
+    )
+
+
+def _walk(root: bytes) -> Iterator[tuple[bytes, bytes, os.stat_result]]:
+    stack = [b""]
+    while stack:
+        rel = stack.pop()
+        fs_dir = os.path.join(root, rel) if rel else root
+        try:
+            names = sorted(os.listdir(fs_dir))
+        except OSError as exc:
+            raise SeedError(f"cannot read directory {os.fsdecode(fs_dir)}: {exc.strerror}") from exc
+        for name in names:
+            child = rel + b"/" + name if rel else name
+            fs_child = os.path.join(root, child)
+            st = os.lstat(fs_child)
+            yield child, fs_child, st
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(child)
+
+
+def scan_tree(src: Path, builder: ManifestBuilder) -> list[SourceFile]:
+    """Add every entry of ``src`` (a directory, or a single file) to ``builder``.
+
+    Returns the regular files whose bytes must be chunked, in tree order; the
+    caller adds their chunk digests.  Hardlinks (same ``st_dev``/``st_ino``)
+    become one REG entry (the first name in tree order) plus HARDLINK entries.
+    """
+    root = os.fsencode(src)
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
+        raise SeedError(f"{src}: no such file or directory") from None
+    except OSError as exc:
+        raise SeedError(f"{src}: {exc.strerror}") from exc
+    items: list[tuple[bytes, bytes, os.stat_result]] = []
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            builder.add(_entry(b"", root, st))
+            items = list(_walk(root))
+        elif stat.S_ISREG(st.st_mode):
+            builder.add(
+                Entry(b"", EntryType.DIR, 0o755, st.st_uid, st.st_gid, st.st_mtime_ns),
+            )
+            items = [(os.path.basename(root), root, st)]
+        else:
+            raise SeedError(f"{src}: not a directory or a regular file")
+    except OSError as exc:
+        raise SeedError(f"cannot read {os.fsdecode(exc.filename or root)}: {exc.strerror}") from exc
+
+    items.sort(key=lambda it: tree_key(it[0]))
+    first_name: dict[tuple[int, int], bytes] = {}
+    files: list[SourceFile] = []
+    for rel, fs_path, est in items:
+        try:
+            entry = _entry(rel, fs_path, est)
+        except OSError as exc:
+            raise SeedError(f"cannot read {os.fsdecode(fs_path)}: {exc.strerror}") from exc
+        if est.st_nlink > 1 and entry.type is not EntryType.DIR:
+            key = (est.st_dev, est.st_ino)
+            primary = first_name.get(key)
+            if primary is not None:
+                builder.add(Entry(rel, EntryType.HARDLINK, entry.mode, entry.uid, entry.gid,
+                                  entry.mtime_ns, target=primary))
+                continue
+            first_name[key] = rel
+        builder.add(entry)
+        if entry.type is EntryType.REG:
+            if not os.access(fs_path, os.R_OK):
+                raise SeedError(f"cannot read {os.fsdecode(fs_path)}: permission denied")
+            files.append(SourceFile(rel, os.fsdecode(fs_path), est.st_size))
+    return files
+
+
+# --- dedup index from the origin ------------------------------------------------
+
+
+async def known_chunks(origin: Origin) -> dict[bytes, ChunkLocation]:
+    """Where every chunk already published to ``origin`` is stored (from all its manifests).
+
+    Undecodable manifests are skipped with a warning: they cannot be trusted
+    to describe packs correctly.  When a chunk is stored more than once, the
+    smallest (pack digest, offset) wins so the choice does not depend on
+    listing order.
+    """
+    try:
+        keys = await origin.list("manifests/")
+    except NotFoundError:
+        return {}
+    out: dict[bytes, ChunkLocation] = {}
+    for key in keys:
+        try:
+            data = await origin.read(key)
+            if digest_of(data) != key.rsplit("/", 1)[-1]:
+                raise ManifestError("digest does not match its name")
+            m = await asyncio.to_thread(decode, data)
+        except (ManifestError, NotFoundError) as exc:
+            log.warning("ignoring %s at the origin for deduplication: %s", key, exc)
+            continue
+        for c in m.chunks:
+            loc = ChunkLocation(m.packs[c.pack], c.offset, c.stored_size, c.codec, c.size)
+            old = out.get(c.digest)
+            if old is None or (loc.pack.digest, loc.offset) < (old.pack.digest, old.offset):
+                out[c.digest] = loc
+    return out
+
+
+# --- chunking and packing -------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Job:
+    file: SourceFile
+    offset: int
+    length: int
+
+
+@dataclass(slots=True)
+class _Result:
+    digest: bytes
+    size: int
+    stored: bytes | None  # None: already known, nothing to store
+    codec: Codec
+
+
+class _Chunker:
+    """Thread-side work: read, hash and (for new chunks) compress one chunk."""
+
+    def __init__(self, config: SeedConfig, known: set[bytes]) -> None:
+        self.config = config
+        self.known = known  # read-only from threads; extended on the loop thread
+        self._local = threading.local()  # a ZstdCompressor is not thread-safe: one per thread
+
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        c: zstandard.ZstdCompressor | None = getattr(self._local, "c", None)
+        if c is None:
+            c = self._local.c = zstandard.ZstdCompressor(level=self.config.zstd_level)
+        return c
+
+    def run(self, job: _Job) -> _Result:
+        try:
+            with open(job.file.source, "rb", buffering=0) as f:
+                data = os.pread(f.fileno(), job.length, job.offset)
+        except OSError as exc:
+            raise SeedError(f"cannot read {job.file.source}: {exc.strerror}") from exc
+        if len(data) != job.length:
+            raise SeedError(f"{job.file.source} changed while being published (it shrank)")
+        digest = blake3.blake3(data, max_threads=1).digest()
+        if digest in self.known:
+            return _Result(digest, len(data), None, Codec.NONE)
+        packed = self._compressor().compress(data)
+        if len(packed) <= len(data) * (1.0 - self.config.min_saving):
+            return _Result(digest, len(data), packed, Codec.ZSTD)
+        return _Result(digest, len(data), data, Codec.NONE)
+
+
+def _jobs(files: list[SourceFile], chunk_size: int) -> Iterator[_Job]:
+    for f in files:
+        for off in range(0, f.size, chunk_size):
+            yield _Job(f, off, min(chunk_size, f.size - off))
+
+
+@dataclass
+class _Uploads:
+    origin: Origin
+    limit: asyncio.Semaphore
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    uploaded: int = 0
+    skipped: int = 0
+    bytes_written: int = 0
+
+    async def upload(self, pack: Pack, data: bytes) -> None:
+        try:
+            if await self.origin.exists(pack.key):
+                self.skipped += 1
+                return
+            await self.origin.write(pack.key, data)
+            self.uploaded += 1
+            self.bytes_written += len(data)
+        finally:
+            self.limit.release()
+
+    async def submit(self, pack: Pack, data: bytes) -> None:
+        # Acquire before creating the task: at most `limit` sealed packs wait in memory.
+        await self.limit.acquire()
+        for t in [t for t in self.tasks if t.done()]:
+            self.tasks.discard(t)
+            t.result()  # surface a failed upload now
+        task = asyncio.create_task(self.upload(pack, data))
+        self.tasks.add(task)
+
+    async def drain(self) -> None:
+        if self.tasks:
+            await asyncio.gather(*self.tasks)
+            self.tasks.clear()
+
+    def cancel(self) -> None:
+        for t in self.tasks:
+            t.cancel()
+
+
+class _Packer:
+    def __init__(self, builder: ManifestBuilder, uploads: _Uploads, pack_size: int) -> None:
+        self.builder = builder
+        self.uploads = uploads
+        self.pack_size = pack_size
+        self.buf = bytearray()
+        self.pending: list[tuple[bytes, int, int, Codec, int]] = []  # digest, offset, stored, codec, size
+        self.pending_digests: set[bytes] = set()
+
+    def has(self, digest: bytes) -> bool:
+        return digest in self.pending_digests or self.builder.location(digest) is not None
+
+    async def add(self, r: _Result) -> None:
+        assert r.stored is not None
+        if self.buf and len(self.buf) + len(r.stored) > self.pack_size:
+            await self.seal()
+        self.pending.append((r.digest, len(self.buf), len(r.stored), r.codec, r.size))
+        self.pending_digests.add(r.digest)
+        self.buf += r.stored
+
+    async def seal(self) -> None:
+        if not self.buf:
+            return
+        data = bytes(self.buf)
+        self.buf = bytearray()
+        digest = await asyncio.to_thread(lambda: blake3.blake3(data).digest())
+        pack = Pack(digest, len(data))
+        for d, off, stored, codec, size in self.pending:
+            self.builder.locate(d, ChunkLocation(pack, off, stored, codec, size))
+        self.pending.clear()
+        self.pending_digests.clear()
+        await self.uploads.submit(pack, data)
+
+
+async def publish(
+    origin: Origin,
+    builder: ManifestBuilder,
+    files: list[SourceFile],
+    ref: Ref,
+    config: SeedConfig = SeedConfig(),
+    progress: ProgressReporter | None = None,
+    annotations: dict[str, str] | None = None,
+) -> SeedResult:
+    """Chunk ``files`` into ``builder``, upload new packs, then the manifest, then the ref."""
+    if ref.tag is None:
+        raise UsageError(f"cannot publish to {ref}: give NAME[:TAG]")
+    if not origin.writable:
+        raise UsageError(f"{origin.url} is read-only: publish to a file:// or s3:// origin")
+    progress = progress or NullProgress()
+    t0 = time.monotonic()
+    known = await known_chunks(origin)
+    for d, loc in known.items():
+        builder.locate(d, loc)
+    chunker = _Chunker(config, set(known))
+    workers = config.workers or (os.cpu_count() or 1)
+    uploads = _Uploads(origin, asyncio.Semaphore(config.upload_concurrency))
+    packer = _Packer(builder, uploads, config.pack_size)
+    digests: dict[bytes, list[bytes]] = {f.path: [] for f in files}
+    total = sum(f.size for f in files)
+    chunks_new = chunks_reused = bytes_new = 0
+    progress.start(total)
+    loop = asyncio.get_running_loop()
+    # A window of 2 jobs per worker keeps every thread busy while the packer
+    # drains results in order; memory is window x (chunk + compressed chunk).
+    window = 2 * workers + 2
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="lazyfs-seed")
+    inflight: deque[tuple[asyncio.Future[_Result], bytes]] = deque()
+    jobs = _jobs(files, config.chunk_size)
+    try:
+        while True:
+            while len(inflight) < window:
+                job = next(jobs, None)
+                if job is None:
+                    break
+                inflight.append((loop.run_in_executor(pool, chunker.run, job), job.file.path))
+            if not inflight:
+                break
+            fut, path = inflight.popleft()
+            r = await fut
+            digests[path].append(r.digest)  # results are consumed in submission (= file) order
+            if r.stored is None or packer.has(r.digest):
+                chunks_reused += 1
+            else:
+                chunks_new += 1
+                bytes_new += r.size
+                chunker.known.add(r.digest)
+                await packer.add(r)
+            progress.advance(r.size)
+        await packer.seal()
+        await uploads.drain()
+    except BaseException:
+        for f, _ in inflight:
+            f.cancel()
+        uploads.cancel()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        progress.finish()
+
+    for sf in files:
+        entry = builder.get(sf.path)
+        assert entry is not None
+        builder.add(entry, digests[sf.path])
+    manifest = builder.build(annotations)
+    data = await asyncio.to_thread(encode, manifest)
+    digest = digest_of(data)
+    key = f"manifests/{digest}"
+    if not await origin.exists(key):
+        await origin.write(key, data)
+    await origin.write(ref.key, (digest + "\n").encode())
+    return SeedResult(
+        digest=digest,
+        ref=ref,
+        manifest=manifest,
+        files=sum(1 for e in manifest.entries if e.type is EntryType.REG),
+        bytes_total=total,
+        bytes_new=bytes_new,
+        bytes_uploaded=uploads.bytes_written,
+        packs_uploaded=uploads.uploaded,
+        packs_skipped=uploads.skipped,
+        chunks_new=chunks_new,
+        chunks_reused=chunks_reused,
+        seconds=time.monotonic() - t0,
+    )
+
+
+async def seed(
+    src: Path,
+    origin: Origin,
+    ref: Ref,
+    config: SeedConfig = SeedConfig(),
+    progress: ProgressReporter | None = None,
+) -> SeedResult:
+    """Publish the directory or file ``src`` to ``origin`` under ``ref`` (``name:tag``)."""
+    builder = ManifestBuilder(config.chunk_size)
+    try:
+        files = await asyncio.to_thread(scan_tree, src, builder)
+    except LazyfsError:
+        raise
+    except OSError as exc:
+        raise SeedError(f"cannot read {exc.filename or src}: {exc.strerror}") from exc
+    return await publish(origin, builder, files, ref, config, progress)
