@@ -421,12 +421,11 @@ def _cmd_cache_verify(args: argparse.Namespace) -> int:
     cache_dir = os.path.abspath(args.cache_dir or default_cache_dir(os.environ))
     if not os.path.isdir(cache_dir):
         raise UsageError(f"{cache_dir}: no cache here")
-    with ChunkStore.open(Path(cache_dir), 0) as store:
+    with ChunkStore.open(Path(cache_dir)) as store:
         report = store.verify(repair=args.repair)
     print(", ".join(f"{k} {v}" for k, v in dataclasses.asdict(report).items()))
-    problems = report.torn + report.orphans
-    if problems and not args.repair:
-        print(f"lazyfs: {problems} problems found; run with --repair to fix them", file=sys.stderr)
+    if not report.clean and not args.repair:
+        print("lazyfs: the cache has problems; run `lazyfs cache verify --repair` to fix them", file=sys.stderr)
         return 1
     return 0
 
