@@ -1,0 +1,105 @@
+"""LazyFilesystem without a mount: inode table, metadata and reads over a seeded tree."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from lazyfs.config import SeedConfig
+from lazyfs.errors import FilesystemError
+from lazyfs.fetch import ChunkFetcher
+from lazyfs.fs import ROOT_INODE, LazyFilesystem
+from lazyfs.manifest import parse_ref
+from lazyfs.seed import seed
+from lazyfs.testing import MemoryOrigin
+
+CHUNK = 64 * 1024
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    src = tmp_path / "src"
+    (src / "d" / "e").mkdir(parents=True)
+    (src / "big").write_bytes(os.urandom(3 * CHUNK + 17))
+    (src / "empty").write_bytes(b"")
+    (src / "d" / "one").write_bytes(b"1")
+    os.link(src / "d" / "one", src / "d" / "e" / "link")
+    os.symlink(b"../big\xff", src / "d" / "sym")
+    os.mkfifo(src / "fifo")
+    os.chmod(src / "big", 0o4751)
+    os.setxattr(src / "big", "user.k", b"v")
+    return src
+
+
+@pytest.fixture
+async def lfs(tree: Path) -> AsyncIterator[LazyFilesystem]:
+    origin = MemoryOrigin()
+    result = await seed(tree, origin, parse_ref("t:1"), SeedConfig(chunk_size=CHUNK, pack_size=2 * CHUNK))
+    fetcher = ChunkFetcher(result.manifest, origin, None)
+    yield LazyFilesystem(result.manifest, fetcher, control_xattrs={b"user.lazyfs.status": lambda: b"{}"})
+    await fetcher.aclose()
+
+
+def lookup_path(fs: LazyFilesystem, path: str) -> int:
+    ino = ROOT_INODE
+    for part in path.split("/"):
+        ino = fs.lookup(ino, os.fsencode(part)).ino
+    return ino
+
+
+async def test_metadata(lfs: LazyFilesystem, tree: Path) -> None:
+    for rel in ("big", "empty", "d", "d/one", "d/sym", "fifo", "d/e"):
+        st = os.lstat(tree / rel)
+        a = lfs.getattr(lookup_path(lfs, rel))
+        assert (a.mode, a.uid, a.gid, a.mtime_ns) == (st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns), rel
+        if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):
+            assert a.size == st.st_size
+        assert a.nlink == st.st_nlink, rel
+    assert lfs.readlink(lookup_path(lfs, "d/sym")) == b"../big\xff"
+    assert lookup_path(lfs, "d/one") == lookup_path(lfs, "d/e/link")
+    assert lfs.getxattr(lookup_path(lfs, "big"), b"user.k") == b"v"
+    assert lfs.listxattr(ROOT_INODE) == []  # control names are never listed
+    assert lfs.getxattr(ROOT_INODE, b"user.lazyfs.status") == b"{}"
+
+
+async def test_readdir_and_errors(lfs: LazyFilesystem) -> None:
+    names = [d.name for d in lfs.readdir(ROOT_INODE, 0)]
+    assert names == sorted(names) == [b"big", b"d", b"empty", b"fifo"]
+    rest = lfs.readdir(ROOT_INODE, 2)
+    assert [d.name for d in rest] == [b"empty", b"fifo"]
+    with pytest.raises(FilesystemError) as e:
+        lfs.lookup(ROOT_INODE, b"nope")
+    assert e.value.errno == errno.ENOENT
+    with pytest.raises(FilesystemError) as e:
+        lfs.open(lookup_path(lfs, "big"), os.O_RDWR)
+    assert e.value.errno == errno.EROFS
+    with pytest.raises(FilesystemError) as e:
+        lfs.readdir(lookup_path(lfs, "big"), 0)
+    assert e.value.errno == errno.ENOTDIR
+    with pytest.raises(FilesystemError) as e:
+        lfs.getxattr(ROOT_INODE, b"user.none")
+    assert e.value.errno == errno.ENODATA
+
+
+async def test_reads_across_chunk_boundaries(lfs: LazyFilesystem, tree: Path) -> None:
+    data = (tree / "big").read_bytes()
+    fh = lfs.open(lookup_path(lfs, "big"), os.O_RDONLY)
+    for off, n in [(0, 1), (CHUNK - 1, 2), (CHUNK - 5, 2 * CHUNK + 10), (len(data) - 1, 100), (0, len(data) + 5)]:
+        assert await lfs.read(fh, off, n) == data[off : off + n]
+    assert await lfs.read(fh, len(data), 10) == b""
+    lfs.release(fh)
+    fh = lfs.open(lookup_path(lfs, "empty"), os.O_RDONLY)
+    assert await lfs.read(fh, 0, 10) == b""
+
+
+async def test_warm_fetches_everything_once(lfs: LazyFilesystem, tree: Path) -> None:
+    n = await lfs.warm([b"d"])
+    assert n == 1
+    total = await lfs.warm()
+    assert total == (tree / "big").stat().st_size + 1
+    assert lfs.fetcher.statistics().cache_misses == 0  # no cache configured: nothing counted as a miss
