@@ -34,6 +34,7 @@ from lazyfs.config import MountConfig, OriginConfig, SeedConfig
 from lazyfs.errors import LazyfsError, UsageError
 from lazyfs.manifest import EntryType, Manifest, parse_ref
 from lazyfs.origin import open_origin
+from lazyfs.origin.s3 import s3_config_from_env
 from lazyfs.progress import human_bytes, open_progress
 from lazyfs.seed import seed
 
@@ -56,10 +57,7 @@ def parse_size(text: str) -> int:
 
 
 def origin_config_from_env(env: Mapping[str, str]) -> OriginConfig:
-    return OriginConfig(
-        s3_endpoint=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
-        s3_region=env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
-    )
+    return s3_config_from_env(env, OriginConfig())
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:

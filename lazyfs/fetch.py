@@ -47,7 +47,6 @@ from lazyfs.errors import (
     DeadlineError,
     IntegrityError,
     LazyfsError,
-    NotFoundError,
     OriginError,
     UnavailableError,
 )
@@ -522,16 +521,16 @@ class ChunkFetcher:
             except TimeoutError:
                 self._c.origin_errors += 1
                 raise UnavailableError(f"{key}: the origin did not answer in time") from None
-            except NotFoundError:
-                self._c.origin_errors += 1
-                raise
-            except OriginError as exc:
+            except UnavailableError as exc:
                 self._c.origin_errors += 1
                 if loop.time() + delay >= give_up:
                     raise
                 log.info("origin read of %s failed (%s); retrying in %.2f s", key, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.config.retry_max)
+            except OriginError:
+                self._c.origin_errors += 1  # not found, access denied: retrying cannot help
+                raise
 
     # -- write-back ------------------------------------------------------------
 

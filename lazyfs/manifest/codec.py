@@ -41,6 +41,7 @@ from lazyfs.manifest.schema import (
 __all__ = ["LIMITS", "Limits", "decode", "digest_of", "encode"]
 
 MAGIC = b"lazyfs-manifest"
+_NOT_CANONICAL = "manifest is not in canonical form (a value is not in its shortest msgpack encoding)"
 
 
 class Limits:
@@ -122,7 +123,9 @@ def decode(data: bytes, limits: Limits = LIMITS) -> Manifest:
             max_bin_len=limits.max_bytes,
             max_str_len=limits.max_annotation,
             # at least 11 (the fields of an entry), so small custom limits fail with a clear message
-            max_array_len=max(limits.max_entries, limits.max_chunks, limits.max_xattrs, 11),
+            # An array cannot hold more elements than there are bytes: msgpack reserves memory
+            # for a declared length before reading, so cap it by the input size.
+            max_array_len=min(len(data), max(limits.max_entries, limits.max_chunks, limits.max_xattrs, 11)),
             max_map_len=0,
             max_ext_len=0,
         )
@@ -132,9 +135,7 @@ def decode(data: bytes, limits: Limits = LIMITS) -> Manifest:
     # msgpack admits several encodings of one value (an int in a wider form than needed, a short
     # string as str16, ...); accept only the one encode() produces, so one manifest has one digest.
     if _pack(m) != data:
-        raise ManifestError(
-            "manifest is not in canonical form (a value is not in its shortest msgpack encoding)"
-        )
+        raise ManifestError(_NOT_CANONICAL)
     return m
 
 
@@ -316,9 +317,8 @@ class _Validator:
             target = self._bytes(target, f"{what}: target", L.max_path)
             rdev = self._int(rdev, f"{what}: rdev", 0, L.max_rdev)
             xa = self._xattrs(xattrs, what)
-            idx = [
-                self._int(c, f"{what}: chunk index", 0, len(chunks) - 1) for c in self._list(echunks, what)
-            ]
+            indices = self._list(echunks, what)
+            idx = [self._int(c, f"{what}: chunk index", 0, len(chunks) - 1) for c in indices]
             for c in idx:
                 if c > next_chunk:
                     raise ManifestError(f"{what}: chunk table is not in first-reference order")
@@ -385,9 +385,8 @@ class _Validator:
             for n, c in enumerate(idx):
                 csize = chunks[c].size
                 if n < len(idx) - 1 and csize != chunk_size:
-                    raise ManifestError(
-                        f"{what}: chunk {n} is {csize} bytes; all but the last must be {chunk_size}"
-                    )
+                    rule = f"all but the last must be {chunk_size}"
+                    raise ManifestError(f"{what}: chunk {n} is {csize} bytes; {rule}")
                 total += csize
             if total != size:
                 raise ManifestError(f"{what}: chunks cover {total} bytes but the file is {size}")

@@ -198,9 +198,8 @@ def parse_ref(text: str, *, allow_digest: bool = True) -> Ref:
         name, tag = text, DEFAULT_TAG
     _check_name(name, text)
     if not _TAG_RE.fullmatch(tag):
-        raise UsageError(
-            f"bad reference {text!r}: tag {tag!r} must match [A-Za-z0-9_][A-Za-z0-9._-]{{0,127}}"
-        )
+        rule = "[A-Za-z0-9_][A-Za-z0-9._-]{0,127}"
+        raise UsageError(f"bad reference {text!r}: tag {tag!r} must match {rule}")
     return Ref(name=name, tag=tag)
 
 
