@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 CONTROL_XATTR = CONTROL_XATTR_PREFIX + b"control"  # -> path of the control socket
 STATUS_XATTR = CONTROL_XATTR_PREFIX + b"status"  # -> status JSON
+# Chunks of a loader's plan fetched ahead of the one it waits for: 32 x 4 MiB keeps a
+# 10 Gbit/s link busy through 100 ms of latency and stays inside the fetcher's budgets.
+PLAN_WINDOW = 32
 
 
 def _ref_blob(origin: Origin, ref: Ref) -> str:
@@ -161,9 +164,59 @@ def _control_app(m: MountedFs) -> web.Application:
             await resp.write(json.dumps({"error": str(exc)}).encode() + b"\n")
         return resp
 
+    async def plan(request: web.Request) -> web.StreamResponse:
+        """The loader's read plan: fetch a file's chunks in the given order, report cache paths.
+
+        Body: ``{"path": "rel/path", "ranges": [[start, end], ...]}``.  Answer (NDJSON):
+        ``{"chunk_size": N}``, then per chunk in plan order ``{"chunk": k, "path": P}``
+        (``P`` null: read it through the mount) or ``{"chunk": k, "error": "..."}``.
+        """
+        try:
+            body = await request.json()
+            rel = os.fsencode(str(body["path"])).strip(b"/")
+            ranges = [(int(a), int(b)) for a, b in body["ranges"]]
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        entry = m.manifest.entry(rel)
+        if entry is None or m.manifest.resolve(entry).type.name != "REG":
+            return web.json_response({"error": f"{rel!r} is not a regular file of this mount"}, status=404)
+        entry = m.manifest.resolve(entry)
+        cs = m.manifest.chunk_size
+        order: dict[int, None] = {}
+        for a, b in ranges:
+            a, b = max(a, 0), min(b, entry.size)
+            for k in range(a // cs, (b - 1) // cs + 1 if b > a else a // cs):
+                order.setdefault(k)
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        await resp.write(json.dumps({"chunk_size": cs}).encode() + b"\n")
+
+        async def one(k: int) -> bytes:
+            try:
+                path = await m.fetcher.cached_path(entry.chunks[k])
+                return json.dumps({"chunk": k, "path": path}).encode() + b"\n"
+            except LazyfsError as exc:
+                return json.dumps({"chunk": k, "error": str(exc)}).encode() + b"\n"
+
+        # A window of chunks in flight keeps the link busy while answers go out in plan order.
+        window: list[asyncio.Task[bytes]] = []
+        todo = list(order)
+        try:
+            while True:
+                while len(window) < PLAN_WINDOW and todo:
+                    window.append(asyncio.create_task(one(todo.pop(0))))
+                if not window:
+                    break
+                await resp.write(await window.pop(0))
+        finally:
+            for t in window:
+                t.cancel()
+        return resp
+
     app = web.Application()
     app.router.add_get("/status", status)
     app.router.add_post("/prefetch", prefetch)
+    app.router.add_post("/plan", plan)
     return app
 
 

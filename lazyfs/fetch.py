@@ -38,6 +38,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import blake3
@@ -79,6 +80,8 @@ class ChunkCache(Protocol):
     def read(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes | None: ...
 
     def put(self, digest: bytes, data: bytes) -> bool: ...
+
+    def path_of(self, digest: bytes) -> Path | None: ...
 
 
 class ChunkSource(Protocol):
@@ -220,9 +223,11 @@ class ChunkFetcher:
         self._dispatcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writeback_bytes = 0
+        self._writebacks: dict[int, asyncio.Task[None]] = {}
         self._writeback_room = asyncio.Condition()
         self._c = _Counters()
         self._closed = False
+        self._index_of = {c.digest: i for i, c in enumerate(manifest.chunks)}
         # (pack, offset) -> chunk index: finds the neighbours of a chunk inside its pack.
         self._at: dict[tuple[int, int], int] = {(c.pack, c.offset): i for i, c in enumerate(manifest.chunks)}
         self._end: dict[tuple[int, int], int] = {
@@ -250,6 +255,27 @@ class ChunkFetcher:
             raise DeadlineError(
                 f"chunk {chunk.digest.hex()[:16]} could not be fetched within the read deadline"
             ) from None
+
+    async def cached_path(self, index: int, priority: Priority = Priority.DEMAND) -> str | None:
+        """Fetch chunk ``index`` and return the path of its raw file in the cache once written.
+
+        ``None`` when the chunk could not be cached (no cache, write-back skipped or failed):
+        the caller reads it through the mount instead.  This is how the loader's fast path
+        reads verified chunks straight from the cache.
+        """
+        await self.get(index, priority)
+        task = self._writebacks.get(index)
+        if task is not None:
+            await asyncio.shield(task)
+        if self.cache is None:
+            return None
+        loop = asyncio.get_running_loop()
+        try:
+            path = await loop.run_in_executor(self._executor, self.cache.path_of, self.manifest.chunks[index].digest)
+        except Exception as exc:  # a broken cache is a miss, never a crash
+            log.warning("cache lookup of chunk %d failed: %s", index, exc)
+            return None
+        return None if path is None else str(path)
 
     def prefetch_nowait(self, indices: Iterable[int], priority: Priority = Priority.READAHEAD) -> int:
         """Start fetching ``indices`` (those not in memory or in flight); returns how many started."""
@@ -544,7 +570,16 @@ class ChunkFetcher:
         self._writeback_bytes += len(data)
         task = asyncio.create_task(self._put(chunk, data))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        index = self._index_of.get(chunk.digest)
+        if index is not None:
+            self._writebacks[index] = task
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if index is not None and self._writebacks.get(index) is t:
+                del self._writebacks[index]
+
+        task.add_done_callback(done)
 
     async def _put(self, chunk: Chunk, data: bytes) -> None:
         cache = self.cache
