@@ -1,11 +1,20 @@
 """lazyfs: lazily mounted, content-addressed models and container images.
 
 Public API (the loader, which needs torch, lives in :mod:`lazyfs.loader`).
+
+The names below are imported on first use, so ``import lazyfs.loader`` on a GPU node
+that has torch but none of the daemon's dependencies (blake3, msgpack, lmdb, pyfuse3)
+works for loading plain safetensors files.
 """
 
-from lazyfs.config import OriginConfig, SeedConfig
-from lazyfs.errors import LazyfsError
-from lazyfs.manifest import Manifest, Ref, parse_ref
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lazyfs.config import OriginConfig, SeedConfig
+    from lazyfs.errors import LazyfsError
+    from lazyfs.manifest import Manifest, Ref, parse_ref
 
 __version__ = "0.1.0"
 
@@ -18,3 +27,23 @@ __all__ = [
     "__version__",
     "parse_ref",
 ]
+
+_LAZY = {
+    "LazyfsError": "lazyfs.errors",
+    "Manifest": "lazyfs.manifest",
+    "OriginConfig": "lazyfs.config",
+    "Ref": "lazyfs.manifest",
+    "SeedConfig": "lazyfs.config",
+    "parse_ref": "lazyfs.manifest",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lazyfs' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value

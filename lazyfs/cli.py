@@ -330,15 +330,24 @@ def _cmd_umount(args: argparse.Namespace) -> int:
         raise LazyfsError(f"cannot unmount {mp}: {res.stderr.strip() or 'busy?'}")
     # Wait for the daemon to finish its cache writes so a remount finds them.
     deadline = time.monotonic() + 60
-    while pid is not None and time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        except PermissionError:
-            break
+    while pid is not None and time.monotonic() < deadline and _daemon_running(pid):
         time.sleep(0.05)
     return 0
+
+
+def _daemon_running(pid: int) -> bool:
+    """Whether ``pid`` still runs.  A zombie has exited: the daemon is detached, so its parent
+    is init (or a container's PID 1), which may reap it late or never."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in (b"Z", b"X")
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

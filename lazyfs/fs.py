@@ -18,10 +18,11 @@ import asyncio
 import errno
 import os
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lazyfs.errors import FilesystemError
+from lazyfs.errors import FilesystemError, LazyfsError
 from lazyfs.fetch import ChunkFetcher, Priority
 from lazyfs.manifest import Entry, EntryType, Manifest
 from lazyfs.prefetch import ReadAhead, ReadAheadConfig
@@ -42,6 +43,13 @@ _FMT = {
 BLOCK_SIZE = 4096
 # Names under this prefix answer getxattr on the root but are not listed: the daemon's control channel.
 CONTROL_XATTR_PREFIX = b"user.lazyfs."
+# A chunk whose read just failed fails again at once for this long instead of being fetched
+# again.  Why: when a read fails, the kernel retries the same page right away with a second,
+# synchronous request; without this hold a reader of an unreachable origin would wait two
+# full read deadlines (2 x --read-timeout) for its EIO, not one.
+FAILED_HOLD = 1.0
+# Failures remembered at most (expired ones are dropped first): bounded memory whatever fails.
+FAILED_MAX = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +106,7 @@ class LazyFilesystem:
         self._child: dict[tuple[int, bytes], int] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        self._failed: dict[int, tuple[float, LazyfsError]] = {}  # chunk -> (hold until, error)
         self._build()
 
     def _build(self) -> None:
@@ -235,11 +244,33 @@ class LazyFilesystem:
         first, last = offset // cs, (end - 1) // cs
         idx = e.chunks[first : last + 1]
         if len(idx) == 1:
-            data = await self.fetcher.get(idx[0], priority)
+            data = await self._get(idx[0], priority)
             return data[offset - first * cs : end - first * cs]
-        parts = await asyncio.gather(*(self.fetcher.get(i, priority) for i in idx))
+        parts = await asyncio.gather(*(self._get(i, priority) for i in idx))
         out = b"".join(parts)
         return out[offset - first * cs : end - first * cs]
+
+    async def _get(self, index: int, priority: Priority) -> bytes:
+        """``fetcher.get``, except that a chunk which failed less than FAILED_HOLD ago fails at once."""
+        held = self._failed.get(index)
+        if held is not None:
+            until, exc = held
+            if time.monotonic() < until:
+                raise FilesystemError(errno.EIO, f"{exc} (failed moments ago; not retried yet)")
+            del self._failed[index]
+        try:
+            return await self.fetcher.get(index, priority)
+        except LazyfsError as exc:
+            now = time.monotonic()
+            if len(self._failed) >= FAILED_MAX:
+                self._failed = {i: h for i, h in self._failed.items() if h[0] > now}
+            if len(self._failed) < FAILED_MAX:
+                self._failed[index] = (now + FAILED_HOLD, exc)
+            if exc.errno != errno.EIO:
+                # The file exists; its bytes could not be had (a pack missing at the origin is
+                # NotFoundError, ENOENT): read(2) must say EIO, not "no such file".
+                raise FilesystemError(errno.EIO, str(exc)) from exc
+            raise
 
     async def warm(self, paths: list[bytes] | None = None, on_chunk: Callable[[int], None] | None = None) -> int:
         """Fetch every chunk of ``paths`` (all files when None) at BACKGROUND priority.
@@ -252,8 +283,12 @@ class LazyFilesystem:
         for path in paths or []:
             e = self._entries[self.ino_of(path) - 1]
             if e.type is EntryType.DIR:
+                # Every file named under the directory, hardlink names included (their data
+                # lives with the inode's first name, which may be elsewhere in the tree).
                 prefix = e.path + b"/" if e.path else b""
-                files += [x for x in self._entries if x.type is EntryType.REG and x.path.startswith(prefix)]
+                for x in self.manifest.entries:
+                    if x.path.startswith(prefix) and (t := self.manifest.resolve(x)).type is EntryType.REG:
+                        files.append(t)
             elif e.type is EntryType.REG:
                 files.append(e)
         todo = list(dict.fromkeys(i for f in files for i in f.chunks))

@@ -7,7 +7,8 @@ FUSE and benchmark tests can serve an origin through real nginx or moto too.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,24 @@ async def file_origin(tmp_path: Path) -> AsyncIterator[FileOrigin]:
     origin = FileOrigin(tmp_path / "origin")
     yield origin
     await origin.aclose()
+
+
+@pytest.fixture(autouse=True)
+def checklogs(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """Fail a test that logs an unexpected WARNING (or worse) from lazyfs.
+
+    A warning means something went wrong (a bad chunk, a broken cache); tests that
+    provoke one on purpose say so with ``@pytest.mark.allow_warnings``.
+    """
+    caplog.set_level(logging.WARNING, logger="lazyfs")
+    yield
+    if request.node.get_closest_marker("allow_warnings"):
+        return
+    bad = [
+        r
+        for when in ("setup", "call")
+        for r in caplog.get_records(when)
+        if r.levelno >= logging.WARNING and r.name.startswith("lazyfs")
+    ]
+    if bad:
+        pytest.fail("unexpected warning logged: " + "; ".join(f"{r.name}: {r.getMessage()}" for r in bad[:5]))

@@ -1,7 +1,8 @@
 """Stream safetensors tensors onto a device as their bytes arrive (needs the ``torch`` extra).
 
-``header``, ``plan`` and ``readers`` need no torch; the API below imports it on first use,
-so importing :mod:`lazyfs.loader.header` works in a daemon without torch.
+``header``, ``plan``, ``readers`` and ``errors`` need no torch; the API below imports it on
+first use, so importing :mod:`lazyfs.loader.header` works in a daemon without torch.  Loading
+plain files needs nothing but torch (no pyfuse3, lmdb, zstandard or blake3).
 """
 
 from __future__ import annotations
@@ -9,9 +10,29 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from lazyfs.loader.api import LoaderError, LoadStatistics, iter_tensors, last_statistics, load_file, safe_open
+    from lazyfs.loader.api import (
+        HeaderError,
+        LoaderError,
+        LoaderIOError,
+        LoadStatistics,
+        free_pinned_memory,
+        iter_tensors,
+        last_statistics,
+        load_file,
+        safe_open,
+    )
 
-__all__ = ["LoadStatistics", "LoaderError", "iter_tensors", "last_statistics", "load_file", "safe_open"]
+__all__ = [
+    "HeaderError",
+    "LoadStatistics",
+    "LoaderError",
+    "LoaderIOError",
+    "free_pinned_memory",
+    "iter_tensors",
+    "last_statistics",
+    "load_file",
+    "safe_open",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -2,18 +2,26 @@
 
 How a file is loaded:
 
-1. The header is read and validated (:mod:`lazyfs.loader.header`).
+1. The header is read and validated (:mod:`lazyfs.loader.header`) — every
+   shard's, and a ``keys`` filter is checked, before any tensor byte is read.
 2. The selected tensors, in file order, become read units of 4-16 MiB
    (:mod:`lazyfs.loader.plan`).  On a lazyfs mount the unit ranges go to the
    daemon as the order to fetch chunks in, and chunks are read straight from
    the verified cache (:class:`~lazyfs.loader.readers.CacheReader`).
-3. Several reader threads run ``preadv`` on the units at once (the calls
-   release the GIL).
+3. A pool of reader threads takes the units in file order and runs ``preadv``
+   on them (the calls release the GIL; never mmap, whose 4 KiB page faults
+   crawl through FUSE).
+
    * CPU: each unit is read straight into the destination tensors' memory.
-   * CUDA: each unit is read into one buffer of a small ring of pinned host
-     buffers allocated once (``pinned_bytes``), then copied to the device with
-     ``non_blocking`` copies on a dedicated stream; an event per unit recycles
-     its buffer once the copy is done, so reading overlaps copying.
+   * CUDA: each unit is read into one buffer of a ring of pinned host buffers
+     (``pinned_bytes`` in all, allocated once per process and reused: pinning
+     costs ~0.6 s/GiB), then copied to the device with one ``non_blocking``
+     copy of the whole unit (>= 4 MiB: bandwidth-, not launch-bound) on a
+     dedicated stream — straight into the tensor when the unit is one slice
+     of one tensor, else into a device staging buffer that is scattered into
+     the tensors by device-to-device copies.  The copy's event travels with
+     the buffer: the next reader to take that buffer waits on it, so reading
+     overlaps copying and the ring recycles itself.
 4. A tensor is yielded as soon as all of its bytes are on its device.
 
 Returned tensors are owned (each has its own storage, nothing is reused).  An
@@ -28,9 +36,11 @@ import contextlib
 import json
 import logging
 import os
+import queue
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -38,52 +48,81 @@ from typing import Any
 import torch
 
 from lazyfs.errors import LazyfsError, UsageError
-from lazyfs.loader.header import DTYPE_SIZES, Header, TensorInfo, read_header
+from lazyfs.loader.errors import HeaderError, LoaderError, LoaderIOError
+from lazyfs.loader.header import DTYPE_BITS, DTYPE_SIZES, Header, TensorInfo
 from lazyfs.loader.plan import MAX_READ, ReadUnit, plan_reads
 from lazyfs.loader.readers import CacheReader, RangeReader, open_reader
 
-__all__ = ["LoadStatistics", "LoaderError", "iter_tensors", "load_file", "safe_open", "shard_files"]
+__all__ = [
+    "DTYPE_SIZES",
+    "HeaderError",
+    "LoadStatistics",
+    "LoaderError",
+    "LoaderIOError",
+    "free_pinned_memory",
+    "iter_tensors",
+    "last_statistics",
+    "load_file",
+    "safe_open",
+    "shard_files",
+]
 
 log = logging.getLogger("lazyfs.loader")
 MiB = 1024 * 1024
 
 # Reader threads: enough parallel preadv calls to keep a disk queue or the daemon busy; one thread
-# copies page cache to memory at ~5 GB/s, 16 threads at ~34 GB/s (DESIGN.md).
-DEFAULT_THREADS = min(16, max(4, (os.cpu_count() or 1) * 2))
-# Pinned ring for CUDA: 8 x 16 MiB.  Pinning costs ~0.6 s/GiB, so a small ring allocated once.
-DEFAULT_PINNED_BYTES = 128 * MiB
+# copies page cache to memory at ~5 GB/s, 16 threads at ~34 GB/s (DESIGN.md).  More threads than
+# cores buys nothing for memory copies, but a disk or a mount wants a deep queue: at least 4.
+DEFAULT_THREADS = min(16, max(4, os.cpu_count() or 1))
+# Pinned ring for CUDA: 16 buffers of one read unit (16 MiB) each, so 16 reader threads each
+# fill one while the copy engine drains another.  Pinning costs ~0.6 s/GiB, so the ring is
+# allocated once per process and reused (free_pinned_memory() gives it back).
+RING_BUFFER = MAX_READ
+DEFAULT_PINNED_BYTES = 16 * RING_BUFFER
+
+_TORCH_DTYPES = {
+    "BOOL": "bool",
+    "U8": "uint8",
+    "I8": "int8",
+    "I16": "int16",
+    "U16": "uint16",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I32": "int32",
+    "U32": "uint32",
+    "F32": "float32",
+    "C64": "complex64",
+    "F64": "float64",
+    "I64": "int64",
+    "U64": "uint64",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2FNUZ": "float8_e5m2fnuz",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",  # two 4-bit values per element: the last dimension halves
+}
 
 
-class LoaderError(LazyfsError):
-    """A tensor could not be loaded (bad file, failed read, missing key)."""
-
-
-def _torch_dtype(name: str) -> torch.dtype:
-    names = {
-        "BOOL": "bool",
-        "U8": "uint8",
-        "I8": "int8",
-        "I16": "int16",
-        "U16": "uint16",
-        "F16": "float16",
-        "BF16": "bfloat16",
-        "I32": "int32",
-        "U32": "uint32",
-        "F32": "float32",
-        "C64": "complex64",
-        "F64": "float64",
-        "I64": "int64",
-        "U64": "uint64",
-        "F8_E5M2": "float8_e5m2",
-        "F8_E4M3": "float8_e4m3fn",
-        "F8_E5M2FNUZ": "float8_e5m2fnuz",
-        "F8_E4M3FNUZ": "float8_e4m3fnuz",
-        "F8_E8M0": "float8_e8m0fnu",
-    }
-    dt = getattr(torch, names[name], None)
+def _torch_dtype(info: TensorInfo, path: str) -> torch.dtype:
+    dt = getattr(torch, _TORCH_DTYPES.get(info.dtype, "-"), None)
     if not isinstance(dt, torch.dtype):
-        raise LoaderError(f"dtype {name} is not supported by this torch ({torch.__version__})")
+        raise LoaderError(
+            f"{path}: tensor {info.name!r}: dtype {info.dtype} has no torch equivalent in torch {torch.__version__}"
+        )
     return dt
+
+
+def _torch_shape(info: TensorInfo, path: str) -> tuple[int, ...]:
+    """The torch shape: safetensors counts F4 in 4-bit elements, torch in pairs of them."""
+    if DTYPE_BITS[info.dtype] == 4:
+        if not info.shape or info.shape[-1] % 2:
+            raise LoaderError(
+                f"{path}: tensor {info.name!r}: F4 shape {list(info.shape)} has an odd last dimension, "
+                "which torch.float4_e2m1fn_x2 cannot hold"
+            )
+        return (*info.shape[:-1], info.shape[-1] // 2)
+    return info.shape
 
 
 def _bytes_of(t: torch.Tensor) -> torch.Tensor:
@@ -97,8 +136,9 @@ class LoadStatistics:
     tensors: int
     bytes: int
     seconds: float
+    first_tensor_seconds: float  # until the first tensor was yielded (headers included)
     chunks_from_cache: int  # fast path: chunks read straight from the lazyfs cache
-    chunks_from_mount: int
+    chunks_from_mount: int  # fast path: chunks the daemon could not cache, read through the mount
 
     @property
     def gbps(self) -> float:
@@ -108,41 +148,151 @@ class LoadStatistics:
 # --- path resolution --------------------------------------------------------------------
 
 
-def shard_files(path: str | os.PathLike[str]) -> list[str]:
-    """The safetensors files behind ``path``: a file, a directory, or an ``*.index.json``."""
+def _read_index(p: str) -> dict[str, str]:
+    """``tensor name -> shard path`` from a ``*.safetensors.index.json``."""
+    try:
+        with open(p, "rb") as f:
+            index = json.load(f)
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map must map tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LoaderError(f"{p}: not a safetensors index: {exc}") from exc
+    base = os.path.dirname(p)
+    out: dict[str, str] = {}
+    for name, shard in weight_map.items():
+        if os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+            raise LoaderError(f"{p}: shard {shard!r} is outside the model directory")
+        out[name] = os.path.join(base, shard)
+    return out
+
+
+def _resolve(path: str | os.PathLike[str]) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files behind ``path`` and, for a sharded model, its weight map."""
     p = os.fspath(path)
     if os.path.isdir(p):
         indexes = sorted(f for f in os.listdir(p) if f.endswith(".safetensors.index.json"))
         if indexes:
-            return shard_files(os.path.join(p, indexes[0]))
+            return _resolve(os.path.join(p, indexes[0]))
         files = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(".safetensors"))
         if not files:
             raise LoaderError(f"{p}: no .safetensors files in this directory")
-        return files
+        return files, None
     if p.endswith(".json"):
-        try:
-            with open(p, "rb") as f:
-                index = json.load(f)
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise ValueError("weight_map must map tensor names to file names")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise LoaderError(f"{p}: not a safetensors index: {exc}") from exc
-        base = os.path.dirname(p)
-        out: list[str] = []
-        for shard in weight_map.values():
-            if os.path.isabs(shard) or ".." in shard.split("/"):
-                raise LoaderError(f"{p}: shard {shard!r} is outside the model directory")
-            full = os.path.join(base, shard)
-            if full not in out:
-                out.append(full)
-        return sorted(out)
+        weight_map = _read_index(p)
+        return sorted(set(weight_map.values())), weight_map
     if not os.path.exists(p):
         raise LoaderError(f"{p}: no such file")
-    return [p]
+    return [p], None
+
+
+def shard_files(path: str | os.PathLike[str]) -> list[str]:
+    """The safetensors files behind ``path``: a file, a directory, or an ``*.index.json``."""
+    return _resolve(path)[0]
+
+
+# --- the pinned ring ----------------------------------------------------------------------
+
+
+class _Ring:
+    """Host buffers for device copies; each free slot carries the event of its last copy.
+
+    Buffers are allocated (pinned) on demand up to ``limit``, so a small load pins little;
+    the ring is kept between loads (see :func:`_release_ring`), so a process pins once.
+    """
+
+    def __init__(self, size: int, pin: bool) -> None:
+        self.key = (size, pin)
+        self.limit = 2
+        self.bufs: list[torch.Tensor] = []
+        self.views: list[memoryview] = []
+        self.reserved = 0  # buffers allocated or being allocated
+        self.cond = threading.Condition()
+        self.free: deque[tuple[int, Any]] = deque()
+
+    def take(self, cancelled: Callable[[], bool]) -> int:
+        """A free buffer (its last copy finished); waits for one; raises when the load is cancelled."""
+        with self.cond:
+            self.cond.wait_for(lambda: bool(self.free) or self.reserved < self.limit or cancelled())
+            if cancelled():
+                raise _Cancelled
+            if not self.free:
+                self.reserved += 1
+                grow = True
+            else:
+                b, ev = self.free.popleft()
+                grow = False
+        if grow:
+            size, pin = self.key
+            try:
+                buf = torch.empty(size, dtype=torch.uint8, pin_memory=pin)
+            except BaseException:
+                with self.cond:
+                    self.reserved -= 1
+                    self.cond.notify()
+                raise
+            with self.cond:
+                self.bufs.append(buf)
+                self.views.append(buf.numpy().data)
+                return len(self.bufs) - 1
+        if ev is not None:
+            ev.synchronize()  # the copy out of this buffer must finish before it is overwritten
+        return b
+
+    def give(self, b: int, ev: Any) -> None:
+        with self.cond:
+            self.free.append((b, ev))
+            self.cond.notify()
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def settle(self) -> bool:
+        """Wait for every pending copy; whether every buffer is back (the ring may be reused)."""
+        with self.cond:
+            pending = [ev for _, ev in self.free if ev is not None]
+            self.free = deque((b, None) for b, _ in self.free)
+            whole = len(self.free) == len(self.bufs) == self.reserved
+        for ev in pending:
+            ev.synchronize()
+        return whole
+
+
+_ring_lock = threading.Lock()
+_idle_rings: list[_Ring] = []  # at most one: the pinned memory a process keeps between loads
+
+
+def _acquire_ring(limit: int, size: int, pin: bool) -> _Ring:
+    ring = None
+    with _ring_lock:
+        for r in _idle_rings:
+            if r.key == (size, pin):
+                _idle_rings.remove(r)
+                ring = r
+                break
+    ring = ring or _Ring(size, pin)
+    ring.limit = max(2, limit)
+    return ring
+
+
+def _release_ring(ring: _Ring) -> None:
+    if ring.settle():  # never reuse a ring with a buffer still out
+        with _ring_lock:
+            _idle_rings[:] = [ring]
+
+
+def free_pinned_memory() -> None:
+    """Give back the pinned host ring the loader keeps between CUDA loads (up to ``pinned_bytes``)."""
+    with _ring_lock:
+        _idle_rings.clear()
 
 
 # --- the pipeline -------------------------------------------------------------------------
+
+
+class _Cancelled(Exception):
+    """A worker noticed the load is being abandoned."""
 
 
 class _Source:
@@ -152,13 +302,14 @@ class _Source:
         self.path = path
         self.reader: RangeReader = open_reader(path, fast_path=fast_path)
         try:
-            self.header: Header = read_header(path, self.reader.header_fd())
+            self.header: Header = self.reader.read_header()
         except BaseException:
             self.reader.close()
             raise
         self._started = False
 
     def start(self, units: Sequence[ReadUnit]) -> None:
+        """Tell a lazyfs daemon the read plan (once); without a daemon, read through the mount."""
         if isinstance(self.reader, CacheReader) and not self._started:
             self._started = True
             try:
@@ -173,7 +324,11 @@ class _Source:
 
 
 class _Pipeline:
-    """Loads ``infos`` of one source onto ``device``; yields tensors as they complete."""
+    """Loads ``infos`` of one source onto ``device``; yields tensors as they complete.
+
+    ``run()`` is the entry point; ``_run_cpu`` / ``_run_device`` are the two strategies
+    (``_run_device`` also runs on the CPU, with synchronous copies, for tests).
+    """
 
     def __init__(
         self,
@@ -188,9 +343,13 @@ class _Pipeline:
         self.device = device
         self.threads = threads
         self.pinned_bytes = pinned_bytes
-        self.units = plan_reads(self.infos)
+        self.units = plan_reads(self.infos, max_read=RING_BUFFER)
         self.remaining = [t.nbytes for t in self.infos]
-        self.outs = [torch.empty(t.shape, dtype=_torch_dtype(t.dtype), device=device) for t in self.infos]
+        self.outs = [
+            torch.empty(_torch_shape(t, source.path), dtype=_torch_dtype(t, source.path), device=device)
+            for t in self.infos
+        ]
+        self._cancelled = False
 
     def _fail(self, unit: ReadUnit, exc: BaseException) -> LoaderError:
         names = ", ".join(repr(self.infos[p.tensor].name) for p in unit.pieces[:3])
@@ -205,17 +364,65 @@ class _Pipeline:
                 done.append(p.tensor)
         return done
 
-    def run(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for i, t in enumerate(self.infos):
-            if t.nbytes == 0:
-                yield t.name, self.outs[i]
-        if not self.units:
-            return
-        self.source.start(self.units)
+    def _dst(self, tensor: int, offset: int, length: int) -> torch.Tensor:
+        return _bytes_of(self.outs[tensor])[offset : offset + length]
+
+    def run(self) -> Generator[tuple[str, torch.Tensor], None, None]:
+        if self.units:
+            self.source.start(self.units)
         if self.device.type == "cpu":
             yield from self._run_cpu()
         else:
             yield from self._run_device()
+
+    def _drive(
+        self, work: Callable[[ReadUnit], Any], wake: Callable[[], None] = lambda: None
+    ) -> Generator[int, None, None]:
+        """Run ``work(unit)`` for every unit on the reader pool, in file order; yield finished tensors.
+
+        ``work`` returns ``None`` or an event to wait for before the unit's bytes count as
+        landed.  The first failure cancels the rest: queued units never start, waits in the
+        reader are woken (``wake``), running reads end (a plain ``preadv``, or a mount read
+        bounded by its read timeout) before this returns, so no thread outlives the load.
+        """
+        yield from (i for i, t in enumerate(self.infos) if t.nbytes == 0)  # nothing to read
+        if not self.units:
+            return
+        results: queue.SimpleQueue[tuple[ReadUnit, Any, BaseException | None]] = queue.SimpleQueue()
+
+        def cancel() -> None:
+            self._cancelled = True
+            self.source.reader.cancel()
+            wake()
+
+        def task(u: ReadUnit) -> None:
+            if self._cancelled:
+                return
+            try:
+                results.put((u, work(u), None))
+            except BaseException as exc:
+                # Report first (so this error, not a "cancelled" it causes elsewhere, is the one
+                # raised), then stop the other readers at once.
+                results.put((u, None, exc))
+                cancel()
+
+        pool = cf.ThreadPoolExecutor(min(self.threads, len(self.units)), thread_name_prefix="lazyfs-load")
+        finished = False
+        try:
+            for u in self.units:
+                pool.submit(task, u)
+            for _ in range(len(self.units)):
+                u, ev, exc = results.get()
+                if exc is not None:
+                    raise self._fail(u, exc) from exc
+                if ev is not None:
+                    ev.synchronize()
+                yield from self._finish(u)
+            finished = True
+        finally:
+            if not finished:
+                cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
 
     # CPU: read straight into the tensors
     def _views(self, unit: ReadUnit) -> list[memoryview]:
@@ -224,95 +431,69 @@ class _Pipeline:
         for p in unit.pieces:
             if p.unit_offset > pos:  # a gap of unwanted bytes (filtered keys): read and drop
                 views.append(memoryview(bytearray(p.unit_offset - pos)))
-            dst = _bytes_of(self.outs[p.tensor])[p.tensor_offset : p.tensor_offset + p.length]
-            views.append(dst.numpy().data)
+            views.append(self._dst(p.tensor, p.tensor_offset, p.length).numpy().data)
             pos = p.unit_offset + p.length
         return views
 
     def _run_cpu(self) -> Iterator[tuple[str, torch.Tensor]]:
         reader = self.source.reader
-        window = 2 * self.threads  # bounded look-ahead: unit order is the fetch order on a mount
-        with cf.ThreadPoolExecutor(self.threads, thread_name_prefix="lazyfs-load") as pool:
-            todo = deque(self.units)
-            inflight: dict[cf.Future[None], ReadUnit] = {}
-            try:
-                while todo or inflight:
-                    while todo and len(inflight) < window:
-                        u = todo.popleft()
-                        inflight[pool.submit(reader.readinto, u.start, self._views(u))] = u
-                    done, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-                    for fut in done:
-                        u = inflight.pop(fut)
-                        exc = fut.exception()
-                        if exc is not None:
-                            raise self._fail(u, exc) from exc
-                        for i in self._finish(u):
-                            yield self.infos[i].name, self.outs[i]
-            finally:
-                for fut in inflight:
-                    fut.cancel()
+
+        def work(u: ReadUnit) -> None:
+            reader.readinto(u.start, self._views(u))
+
+        with contextlib.closing(self._drive(work)) as done:
+            for i in done:
+                yield self.infos[i].name, self.outs[i]
 
     # CUDA (or any non-CPU device): pinned ring + async copies on a side stream
     def _run_device(self) -> Iterator[tuple[str, torch.Tensor]]:
         reader = self.source.reader
         cuda = self.device.type == "cuda"
-        nbuf = max(2, self.pinned_bytes // MAX_READ)
-        bufs = [torch.empty(MAX_READ, dtype=torch.uint8, pin_memory=cuda) for _ in range(nbuf)]
-        free = deque(range(nbuf))
+        ring = _acquire_ring(self.pinned_bytes // RING_BUFFER, RING_BUFFER, pin=cuda)
         stream = torch.cuda.Stream(self.device) if cuda else None  # type: ignore[no-untyped-call]
-        copying: deque[tuple[Any, int, ReadUnit]] = deque()  # (event, buffer, unit) in issue order
-        todo = deque(self.units)
-        inflight: dict[cf.Future[None], tuple[int, ReadUnit]] = {}
+        cancelled = lambda: self._cancelled  # noqa: E731
 
-        def read(b: int, u: ReadUnit) -> None:
-            reader.readinto(u.start, [bufs[b].numpy().data[: u.length]])
-
-        def retire(block: bool) -> Iterator[tuple[str, torch.Tensor]]:
-            """Recycle buffers whose copy finished (waiting for the oldest when ``block``)."""
-            while copying:
-                ev, b, u = copying[0]
-                if ev is not None and not ev.query():
-                    if not block:
-                        return
-                    ev.synchronize()
-                copying.popleft()
-                free.append(b)
-                block = False
-                for i in self._finish(u):
-                    yield self.infos[i].name, self.outs[i]
-
-        with cf.ThreadPoolExecutor(self.threads, thread_name_prefix="lazyfs-load") as pool:
+        def work(u: ReadUnit) -> Any:
+            b = ring.take(cancelled)
+            ev = None
             try:
-                while todo or inflight or copying:
-                    while todo and free:
-                        u = todo.popleft()
-                        b = free.popleft()
-                        inflight[pool.submit(read, b, u)] = (b, u)
-                    if inflight:
-                        # With copies pending, poll reads briefly so finished copies are retired promptly.
-                        done, _ = cf.wait(inflight, timeout=0.002 if copying else None, return_when=cf.FIRST_COMPLETED)
-                        for fut in done:
-                            b, u = inflight.pop(fut)
-                            exc = fut.exception()
-                            if exc is not None:
-                                raise self._fail(u, exc) from exc
-                            ctx = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-                            with ctx:
-                                for p in u.pieces:
-                                    dst = _bytes_of(self.outs[p.tensor])[p.tensor_offset : p.tensor_offset + p.length]
-                                    dst.copy_(bufs[b][p.unit_offset : p.unit_offset + p.length], non_blocking=cuda)
-                            ev = None
-                            if stream is not None:
-                                ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
-                                ev.record(stream)
-                            copying.append((ev, b, u))
-                    # Block on the oldest copy only when no read is running to wait for instead.
-                    yield from retire(block=not inflight)
-            finally:
-                for fut in inflight:
-                    fut.cancel()
+                reader.readinto(u.start, [ring.views[b][: u.length]])
+                src = ring.bufs[b][: u.length]
+                with contextlib.ExitStack() as on_stream:
+                    if stream is not None:  # this thread's current device and stream
+                        on_stream.enter_context(torch.cuda.device(self.device))
+                        on_stream.enter_context(torch.cuda.stream(stream))
+                    p0 = u.pieces[0]
+                    if len(u.pieces) == 1 and p0.unit_offset == 0 and p0.length == u.length:
+                        self._dst(p0.tensor, p0.tensor_offset, p0.length).copy_(src, non_blocking=cuda)
+                    else:
+                        # One large host-to-device copy, then cheap device-side scatter; the staging
+                        # buffer belongs to the side stream, so its reuse is ordered after these copies.
+                        stage = torch.empty(u.length, dtype=torch.uint8, device=self.device)
+                        stage.copy_(src, non_blocking=cuda)
+                        for p in u.pieces:
+                            self._dst(p.tensor, p.tensor_offset, p.length).copy_(
+                                stage[p.unit_offset : p.unit_offset + p.length], non_blocking=cuda
+                            )
+                    if stream is not None:
+                        ev = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                        ev.record(stream)
+            except BaseException:
                 if stream is not None:
-                    stream.synchronize()
+                    stream.synchronize()  # a copy issued before the failure may still read the buffer
+                raise
+            finally:
+                ring.give(b, ev)
+            return ev
+
+        try:
+            with contextlib.closing(self._drive(work, ring.wake)) as done:
+                for i in done:
+                    yield self.infos[i].name, self.outs[i]
+        finally:
+            if stream is not None:
+                stream.synchronize()
+            _release_ring(ring)
 
 
 def _select(header: Header, keys: set[str] | None) -> list[TensorInfo]:
@@ -330,60 +511,87 @@ def iter_tensors(
     pinned_bytes: int = DEFAULT_PINNED_BYTES,
     fast_path: bool = True,
     progress: bool = False,
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(name, tensor)`` as each tensor lands on ``device``.
+) -> Generator[tuple[str, torch.Tensor], None, None]:
+    """Yield ``(name, tensor)`` as each tensor lands on ``device`` (in no promised order).
 
-    ``path``: a ``.safetensors`` file, a directory, or a ``model.safetensors.index.json``.
-    ``keys``: only these tensors (a missing key is an error, raised before anything is
-    read).  ``pinned_bytes``: the host ring for device copies.  ``fast_path``: on a lazyfs
-    mount, read verified chunks straight from its cache.
+    ``path``: a ``.safetensors`` file, a directory (its ``*.safetensors.index.json``, else
+    every ``*.safetensors`` in it), or a ``model.safetensors.index.json``.  ``keys``: only
+    these tensors (a missing key is a :class:`LoaderError`, raised before any tensor byte
+    is read).  ``threads``: parallel reads.  ``pinned_bytes``: the host ring for device
+    copies.  ``fast_path``: on a lazyfs mount, read verified chunks straight from its
+    cache.  ``progress``: a progress bar on stderr.
+
+    Every failure is a :class:`LoaderError` naming the file (and the tensor, for reads);
+    headers are validated as untrusted input (:class:`HeaderError`).
     """
     dev = torch.device(device)
     if threads < 1:
         raise UsageError("threads must be at least 1")
+    if isinstance(keys, str):
+        raise TypeError("keys must be an iterable of tensor names, not one string")
     wanted = set(keys) if keys is not None else None
+    where = os.fspath(path)
     t0 = time.perf_counter()
     sources: list[_Source] = []
+    bar = None
     try:
-        for f in shard_files(path):
+        files, weight_map = _resolve(path)
+        if wanted is not None and weight_map is not None:
+            missing = wanted - weight_map.keys()
+            if missing:
+                raise LoaderError(f"{where}: no tensor named {', '.join(map(repr, sorted(missing)[:5]))}")
+            needed = {weight_map[k] for k in wanted}
+            files = [f for f in files if f in needed]
+        for f in files:
             sources.append(_Source(f, fast_path=fast_path))
         plans = [(s, _select(s.header, wanted)) for s in sources]
+        owner: dict[str, str] = {}
+        for s, infos in plans:
+            for t in infos:
+                if t.name in owner:
+                    raise LoaderError(f"{where}: tensor {t.name!r} is in both {owner[t.name]} and {s.path}")
+                owner[t.name] = s.path
         if wanted is not None:
-            missing = wanted - {t.name for _, infos in plans for t in infos}
+            missing = wanted - owner.keys()
             if missing:
-                names = ", ".join(map(repr, sorted(missing)[:5]))
-                raise LoaderError(f"{os.fspath(path)}: no tensor named {names}")
+                raise LoaderError(f"{where}: no tensor named {', '.join(map(repr, sorted(missing)[:5]))}")
         grand_total = sum(t.nbytes for _, infos in plans for t in infos)
-        bar = None
         if progress:
             from lazyfs.progress import open_progress
 
-            bar = open_progress(f"load {os.path.basename(os.fspath(path))}")
+            bar = open_progress(f"load {os.path.basename(where)}")
             bar.start(grand_total)
         count = 0
+        first = 0.0
         for source, infos in plans:
-            for name, tensor in _Pipeline(source, infos, dev, threads, pinned_bytes).run():
-                count += 1
-                if bar is not None:
-                    bar.advance(tensor.numel() * tensor.element_size())
-                yield name, tensor
-        if bar is not None:
-            bar.finish()
+            # closing(): if the caller stops early, the readers end before the files close.
+            with contextlib.closing(_Pipeline(source, infos, dev, threads, pinned_bytes).run()) as landed:
+                for name, tensor in landed:
+                    if not count:
+                        first = time.perf_counter() - t0
+                    count += 1
+                    if bar is not None:
+                        bar.advance(tensor.numel() * tensor.element_size())
+                    yield name, tensor
         readers = [s.reader for s in sources if isinstance(s.reader, CacheReader)]
         stats = LoadStatistics(
             files=len(sources),
             tensors=count,
             bytes=grand_total,
             seconds=time.perf_counter() - t0,
+            first_tensor_seconds=first,
             chunks_from_cache=sum(r.chunks_from_cache for r in readers),
             chunks_from_mount=sum(r.chunks_from_mount for r in readers),
         )
         _last_stats[0] = stats
         log.info(
-            "loaded %d tensors, %.2f GB in %.2f s (%.2f GB/s) from %s to %s",
-            count, grand_total / 1e9, stats.seconds, stats.gbps, os.fspath(path), dev,
+            "loaded %d tensors, %.2f GB in %.2f s (%.2f GB/s, first tensor after %.3f s) from %s to %s%s",
+            count, grand_total / 1e9, stats.seconds, stats.gbps, first, where, dev,
+            f" ({stats.chunks_from_cache} chunks straight from the lazyfs cache)" if readers else "",
         )
     finally:
+        if bar is not None:
+            bar.finish()
         for s in sources:
             s.close()
 
@@ -406,7 +614,11 @@ def load_file(
     fast_path: bool = True,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Like ``safetensors.torch.load_file``: a dict of owned tensors on ``device``."""
+    """Like ``safetensors.torch.load_file``: a dict of owned tensors on ``device``.
+
+    Takes a file, a directory or a ``*.safetensors.index.json`` (see :func:`iter_tensors`
+    for the options); all or nothing: a failure raises, never returns part of the model.
+    """
     return dict(
         iter_tensors(
             path, device, keys=keys, threads=threads, pinned_bytes=pinned_bytes, fast_path=fast_path, progress=progress
@@ -414,7 +626,19 @@ def load_file(
     )
 
 
+# --- safe_open ------------------------------------------------------------------------------
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """``t`` with storage of its own size (a strided or partial view is copied)."""
+    if t.is_contiguous() and t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 class _Slice:
+    """``f.get_slice(name)``: shape and dtype without reading; indexing reads only the rows it needs."""
+
     def __init__(self, owner: safe_open, info: TensorInfo) -> None:
         self.owner = owner
         self.info = info
@@ -427,31 +651,43 @@ class _Slice:
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         info = self.info
-        first = index[0] if isinstance(index, tuple) and index else index
-        rest = index[1:] if isinstance(index, tuple) else ()
-        if info.shape and isinstance(first, slice | int) and not isinstance(first, bool):
-            rows = range(info.shape[0])[first] if isinstance(first, slice) else None
-            if rows is not None and rows.step == 1:
-                row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-                sub = TensorInfo(
-                    info.name,
-                    info.dtype,
-                    (len(rows), *info.shape[1:]),
-                    info.start + rows.start * row_bytes,
-                    info.start + rows.stop * row_bytes if len(rows) else info.start + rows.start * row_bytes,
-                )
-                t = self.owner._load([sub])[0]
-                return t[(slice(None), *rest)] if rest else t
-        return self.owner.get_tensor(info.name)[index]
+        idx = index if isinstance(index, tuple) else (index,)
+        first = idx[0] if idx else None
+        # Bits per index of dimension 0 (F4 rows of one element are half a byte: read it all).
+        row_bits = info.nbytes * 8 // info.shape[0] if info.shape and info.shape[0] else 0
+        if row_bits and row_bits % 8 == 0 and isinstance(first, int | slice) and not isinstance(first, bool):
+            n = info.shape[0]
+            local: int | slice
+            if isinstance(first, int):
+                if not -n <= first < n:
+                    raise IndexError(f"index {first} is out of bounds for dimension 0 with size {n}")
+                lo, hi, local = first % n, first % n + 1, 0
+            else:
+                rows = range(n)[first]
+                if rows.step < 0:
+                    return _compact(self.owner.get_tensor(info.name)[index])  # torch refuses: same error
+                lo = rows.start if rows else 0
+                hi = rows[-1] + 1 if rows else 0
+                local = slice(None, None, rows.step)
+            rb = row_bits // 8
+            shape = (hi - lo, *info.shape[1:])
+            sub = TensorInfo(info.name, info.dtype, shape, info.start + lo * rb, info.start + hi * rb)
+            t = self.owner._load([sub])[0]
+            return _compact(t[(local, *idx[1:])])
+        return _compact(self.owner.get_tensor(info.name)[index])
 
 
-class safe_open:
-    """``with safe_open(path, framework="pt", device="cpu") as f:`` — keys, metadata, get_tensor, get_slice."""
+class safe_open:  # the name safetensors users know
+    """``with safe_open(path, framework="pt", device="cpu") as f:`` — keys, metadata, get_tensor, get_slice.
+
+    Reads only what is asked for, with the loader's large parallel reads (never mmap).  On a
+    lazyfs mount it reads through the mount (the daemon's read-ahead serves it).
+    """
 
     def __init__(
         self, path: str | os.PathLike[str], framework: str = "pt", device: str | torch.device = "cpu"
     ) -> None:
-        if framework not in ("pt", "torch"):
+        if framework not in ("pt", "torch", "pytorch"):
             raise UsageError(f"framework {framework!r} is not supported; lazyfs.loader loads torch tensors")
         self.path = os.fspath(path)
         self.device = torch.device(device)
@@ -470,6 +706,7 @@ class safe_open:
         return sorted(self._source.header.names)
 
     def offset_keys(self) -> list[str]:
+        """Tensor names in file order."""
         return self._source.header.names
 
     def metadata(self) -> dict[str, str] | None:
@@ -482,7 +719,7 @@ class safe_open:
             raise LoaderError(f"{self.path}: no tensor named {name!r}") from None
 
     def _load(self, infos: Sequence[TensorInfo]) -> list[torch.Tensor]:
-        got = dict(_Pipeline(self._source, infos, self.device, DEFAULT_THREADS, 2 * MAX_READ).run())
+        got = dict(_Pipeline(self._source, infos, self.device, DEFAULT_THREADS, DEFAULT_PINNED_BYTES).run())
         return [got[i.name] for i in infos]
 
     def get_tensor(self, name: str) -> torch.Tensor:
@@ -490,6 +727,3 @@ class safe_open:
 
     def get_slice(self, name: str) -> _Slice:
         return _Slice(self, self._info(name))
-
-
-__all__ += ["DTYPE_SIZES", "last_statistics"]

@@ -10,50 +10,68 @@ file and the tensor: header length limit, valid UTF-8 JSON without duplicate
 keys, known dtypes, non-negative integer shapes, ``prod(shape) * itemsize ==
 end - begin``, ranges inside the data region, no overlaps, and the data region
 covered exactly (no gaps, nothing after the last tensor).
+
+Sub-byte dtypes (``F4``: 4 bits, ``F6_*``: 6 bits) count their shape in elements;
+their byte size is ``prod(shape) * bits / 8``, which must be a whole number.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from lazyfs.errors import LazyfsError
+from lazyfs.loader.errors import HeaderError, LoaderIOError
 
-__all__ = ["DTYPE_SIZES", "MAX_HEADER", "Header", "HeaderError", "TensorInfo", "parse_header", "read_header"]
+__all__ = [
+    "DTYPE_BITS",
+    "DTYPE_SIZES",
+    "MAX_HEADER",
+    "Header",
+    "HeaderError",
+    "TensorInfo",
+    "parse_header",
+    "read_header",
+    "read_header_with",
+]
 
-# Item sizes of every dtype safetensors defines.
-DTYPE_SIZES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E5M2": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2FNUZ": 1,
-    "F8_E4M3FNUZ": 1,
-    "F8_E8M0": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "C64": 8,
-    "F64": 8,
-    "I64": 8,
-    "U64": 8,
+# Bits per element of every dtype safetensors defines (its Rust ``Dtype`` enum).
+DTYPE_BITS = {
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E5M2FNUZ": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E8M0": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
-# The same bound safetensors itself applies: a header is metadata, not data.
-MAX_HEADER = 100 * 1024 * 1024
+# Item sizes in bytes of the whole-byte dtypes.
+DTYPE_SIZES = {k: v // 8 for k, v in DTYPE_BITS.items() if v % 8 == 0}
+# The same bound safetensors itself applies (100 MB): a header is metadata, not data.
+MAX_HEADER = 100_000_000
 MAX_RANK = 64
-
-
-class HeaderError(LazyfsError):
-    """A safetensors file whose header is malformed or inconsistent."""
+# A dimension must fit an int64 (torch sizes); the byte-range check bounds the product.
+MAX_DIM = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +95,13 @@ class Header:
     metadata: dict[str, str] | None
     tensors: tuple[TensorInfo, ...]  # in file order
 
+    @functools.cached_property
+    def _by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
     def tensor(self, name: str) -> TensorInfo:
-        for t in self.tensors:
-            if t.name == name:
-                return t
-        raise KeyError(name)
+        """The tensor called ``name`` (``KeyError`` if there is none)."""
+        return self._by_name[name]
 
     @property
     def names(self) -> list[str]:
@@ -99,18 +119,38 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def read_header(path: str, fd: int) -> Header:
     """Read and validate the header of the safetensors file open at ``fd``."""
-    size = os.fstat(fd).st_size
+    try:
+        size = os.fstat(fd).st_size
+    except OSError as exc:
+        raise LoaderIOError(f"{path}: {exc.strerror}") from exc
+    return read_header_with(path, size, lambda offset, n: _pread_full(path, fd, n, offset))
+
+
+def read_header_with(path: str, size: int, read: Callable[[int, int], bytes]) -> Header:
+    """Read and validate a header with ``read(offset, n)`` (all ``n`` bytes or an exception)."""
     if size < 8:
         raise HeaderError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
-    (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    (n,) = struct.unpack("<Q", read(0, 8))
     if n > MAX_HEADER:
         raise HeaderError(f"{path}: header of {n} bytes exceeds the {MAX_HEADER} byte limit")
     if 8 + n > size:
         raise HeaderError(f"{path}: header length {n} runs past the end of the {size}-byte file")
-    raw = os.pread(fd, n, 8)
-    if len(raw) != n:
-        raise HeaderError(f"{path}: file shrank while reading the header")
-    return parse_header(path, raw, size)
+    return parse_header(path, read(8, n), size)
+
+
+def _pread_full(path: str, fd: int, n: int, offset: int) -> bytes:
+    parts: list[bytes] = []
+    got = 0
+    while got < n:
+        try:
+            part = os.pread(fd, n - got, offset + got)
+        except OSError as exc:
+            raise LoaderIOError(f"{path}: reading the header failed: {exc.strerror}") from exc
+        if not part:
+            raise HeaderError(f"{path}: file shrank while reading the header")
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
 
 
 def parse_header(path: str, raw: bytes, file_size: int) -> Header:
@@ -133,15 +173,15 @@ def parse_header(path: str, raw: bytes, file_size: int) -> Header:
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise HeaderError(f"{where}: expected exactly dtype, shape and data_offsets")
         dtype = info["dtype"]
-        if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
+        if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
             raise HeaderError(f"{where}: unknown dtype {dtype!r}")
         shape = info["shape"]
         if (
             not isinstance(shape, list)
             or len(shape) > MAX_RANK
-            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+            or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
         ):
-            raise HeaderError(f"{where}: shape must be a list of non-negative integers")
+            raise HeaderError(f"{where}: shape must be a list of at most {MAX_RANK} non-negative 64-bit integers")
         offs = info["data_offsets"]
         if (
             not isinstance(offs, list)
@@ -152,7 +192,10 @@ def parse_header(path: str, raw: bytes, file_size: int) -> Header:
         begin, end = offs
         if not 0 <= begin <= end <= data_size:
             raise HeaderError(f"{where}: data_offsets [{begin}, {end}] fall outside the {data_size}-byte data region")
-        expected = math.prod(shape) * DTYPE_SIZES[dtype]
+        bits = math.prod(shape) * DTYPE_BITS[dtype]
+        if bits % 8:
+            raise HeaderError(f"{where}: shape {shape} of {dtype} is {bits} bits, not a whole number of bytes")
+        expected = bits // 8
         if expected != end - begin:
             raise HeaderError(
                 f"{where}: shape {shape} of {dtype} needs {expected} bytes but the range holds {end - begin}"
@@ -160,12 +203,19 @@ def parse_header(path: str, raw: bytes, file_size: int) -> Header:
         tensors.append(TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end))
     tensors.sort(key=lambda t: (t.start, t.end))
     pos = data_start
+    prev: TensorInfo | None = None
     for t in tensors:
         if t.start < pos:
-            raise HeaderError(f"{path}: tensor {t.name!r} overlaps the tensor before it")
+            assert prev is not None
+            raise HeaderError(
+                f"{path}: tensor {t.name!r} (bytes {t.start - data_start}-{t.end - data_start}) overlaps "
+                f"tensor {prev.name!r} (bytes {prev.start - data_start}-{prev.end - data_start})"
+            )
         if t.start > pos:
             raise HeaderError(f"{path}: {t.start - pos} bytes before tensor {t.name!r} belong to no tensor")
         pos = t.end
+        prev = t
     if pos != file_size:
-        raise HeaderError(f"{path}: {file_size - pos} bytes after the last tensor belong to no tensor")
+        last = f"the last tensor {prev.name!r}" if prev is not None else "the header (no tensor)"
+        raise HeaderError(f"{path}: {file_size - pos} bytes after {last} belong to no tensor")
     return Header(path, data_start, file_size, metadata, tuple(tensors))

@@ -21,41 +21,50 @@ import contextlib
 import errno
 import http.client
 import json
+import logging
 import os
 import socket
+import stat
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from lazyfs.errors import LazyfsError
+from lazyfs.loader.errors import LoaderIOError
+from lazyfs.loader.header import Header, read_header, read_header_with
 
 __all__ = ["CONTROL_XATTR", "CacheReader", "LoaderIOError", "PlainReader", "RangeReader", "open_reader"]
+
+log = logging.getLogger("lazyfs.loader")
 
 CONTROL_XATTR = "user.lazyfs.control"
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
 IOV_MAX = 1024
 
 
-class LoaderIOError(LazyfsError):
-    """A read the loader needed failed (EIO from a mount, a vanished file)."""
-
-
 class RangeReader(Protocol):
     path: str
+
+    def read_header(self) -> Header:
+        """The file's validated safetensors header."""
+        ...
 
     def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
         """Fill ``views`` in order with the bytes starting at ``offset`` (all of them, or raise)."""
         ...
 
-    def header_fd(self) -> int: ...
+    def cancel(self) -> None:
+        """Make reads waiting for data (and later ones) fail at once; the load is being abandoned."""
+        ...
 
     def close(self) -> None: ...
 
 
 def preadv_full(fd: int, views: Sequence[memoryview], offset: int, path: str) -> None:
+    """Fill every view from ``offset`` on, with as few ``preadv`` calls as the kernel allows."""
     pending = [v for v in views if len(v)]
-    while pending:
-        batch = pending[:IOV_MAX]
+    i = 0
+    while i < len(pending):
+        batch = pending[i : i + IOV_MAX]
         try:
             n = os.preadv(fd, batch, offset)
         except InterruptedError:
@@ -66,28 +75,42 @@ def preadv_full(fd: int, views: Sequence[memoryview], offset: int, path: str) ->
             raise LoaderIOError(f"{path}: unexpected end of file at offset {offset}")
         offset += n
         while n:
-            head = pending[0]
+            head = pending[i]
             if n >= len(head):
                 n -= len(head)
-                pending.pop(0)
+                i += 1
             else:
-                pending[0] = head[n:]
+                pending[i] = head[n:]
                 n = 0
 
 
 class PlainReader:
+    """``preadv`` on an ordinary file descriptor (a local file, or a file on any mount)."""
+
     def __init__(self, path: str) -> None:
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             raise LoaderIOError(f"{path}: {exc.strerror}") from exc
+        try:
+            st = os.fstat(self.fd)
+        except OSError as exc:
+            os.close(self.fd)
+            raise LoaderIOError(f"{path}: {exc.strerror}") from exc
+        if not stat.S_ISREG(st.st_mode):
+            os.close(self.fd)
+            raise LoaderIOError(f"{path}: not a regular file")
+        self.size = st.st_size
 
-    def header_fd(self) -> int:
-        return self.fd
+    def read_header(self) -> Header:
+        return read_header(self.path, self.fd)
 
     def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
         preadv_full(self.fd, views, offset, self.path)
+
+    def cancel(self) -> None:
+        """Nothing to wake: a ``preadv`` on a plain file (or a mount, bounded by its read timeout) ends."""
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -107,7 +130,12 @@ class _UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class CacheReader:
-    """Reads chunks from the lazyfs cache as the daemon reports them ready (see module docstring)."""
+    """Reads chunks from the lazyfs cache as the daemon reports them ready (see module docstring).
+
+    The header is read the same way, through a plan of its own (``[0, 8)``, then the
+    header's bytes), so it neither goes through FUSE nor starts the daemon's read-ahead of
+    the file's first megabytes, which a ``keys`` load may not want.
+    """
 
     def __init__(self, path: str, mount_root: str, socket_path: str, timeout: float = 120.0) -> None:
         self.path = path
@@ -119,6 +147,7 @@ class CacheReader:
         self._ready: dict[int, str | None] = {}  # chunk number -> cache path (None: read via the mount)
         self._errors: dict[int, str] = {}
         self._done = False
+        self._cancelled = False
         self._cond = threading.Condition()
         self._fds: dict[str, int] = {}
         self._fd_lock = threading.Lock()
@@ -127,25 +156,61 @@ class CacheReader:
         self.chunks_from_cache = 0
         self.chunks_from_mount = 0
 
-    def header_fd(self) -> int:
-        return self.mount.fd
-
-    def start(self, ranges: Sequence[tuple[int, int]]) -> None:
-        """Send the read plan; events are consumed by a background thread."""
+    def _open_plan(self, ranges: Sequence[tuple[int, int]]) -> tuple[_UnixHTTPConnection, Any]:
+        """POST the plan; returns the connection and the response, its first line consumed."""
         conn = _UnixHTTPConnection(self.socket_path, self.timeout)
         body = json.dumps({"path": self.rel, "ranges": [list(r) for r in ranges]})
         try:
             conn.request("POST", "/plan", body=body, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
-        except OSError as exc:
+            if resp.status != 200:
+                msg = resp.read(4096).decode(errors="replace").strip()
+                raise LoaderIOError(f"{self.path}: the lazyfs daemon refused the read plan: {msg}")
+            first = json.loads(resp.readline())
+            self.chunk_size = int(first["chunk_size"])
+            if self.chunk_size <= 0:
+                raise ValueError(f"chunk size {self.chunk_size}")
+        except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as exc:
             conn.close()
-            raise LoaderIOError(f"{self.path}: cannot reach the lazyfs daemon: {exc}") from exc
-        if resp.status != 200:
-            msg = resp.read(4096).decode(errors="replace")
+            raise LoaderIOError(f"{self.path}: cannot use the lazyfs daemon: {exc}") from exc
+        except BaseException:
             conn.close()
-            raise LoaderIOError(f"{self.path}: the lazyfs daemon refused the read plan: {msg}")
-        first = json.loads(resp.readline())
-        self.chunk_size = int(first["chunk_size"])
+            raise
+        return conn, resp
+
+    def read_header(self) -> Header:
+        def read(offset: int, n: int) -> bytes:
+            buf = bytearray(n)
+            try:
+                conn, resp = self._open_plan([(offset, offset + n)])
+            except LoaderIOError as exc:
+                log.info("%s; reading the header through the mount", exc)
+                preadv_full(self.mount.fd, [memoryview(buf)], offset, self.path)
+                return bytes(buf)
+            try:
+                ready: dict[int, str | None] = {}
+                errors: dict[int, str] = {}
+                try:
+                    for line in resp:
+                        _record(json.loads(line), ready, errors)
+                except (OSError, ValueError, http.client.HTTPException):
+                    pass  # what was not reported is read through the mount
+            finally:
+                conn.close()
+
+            def lookup(chunk: int) -> str | None:
+                if chunk in errors:
+                    raise LoaderIOError(f"{self.path}: {errors[chunk]}")
+                return ready.get(chunk)
+
+            self._read_chunks(offset, [memoryview(buf)], lookup)
+            return bytes(buf)
+
+        return read_header_with(self.path, self.mount.size, read)
+
+    def start(self, ranges: Sequence[tuple[int, int]]) -> None:
+        """Send the read plan; events are consumed by a background thread."""
+        conn, resp = self._open_plan(ranges)
         self._conn = conn
         self._thread = threading.Thread(target=self._events, args=(resp,), name="lazyfs-plan", daemon=True)
         self._thread.start()
@@ -155,12 +220,9 @@ class CacheReader:
             for line in resp:
                 ev = json.loads(line)
                 with self._cond:
-                    if "error" in ev:
-                        self._errors[int(ev["chunk"])] = str(ev["error"])
-                    else:
-                        self._ready[int(ev["chunk"])] = ev.get("path")
+                    _record(ev, self._ready, self._errors)
                     self._cond.notify_all()
-        except (OSError, ValueError, http.client.HTTPException):
+        except (OSError, ValueError, TypeError, KeyError, http.client.HTTPException):
             pass
         finally:
             with self._cond:
@@ -170,8 +232,11 @@ class CacheReader:
     def _wait(self, chunk: int) -> str | None:
         with self._cond:
             ok = self._cond.wait_for(
-                lambda: chunk in self._ready or chunk in self._errors or self._done, timeout=self.timeout
+                lambda: chunk in self._ready or chunk in self._errors or self._done or self._cancelled,
+                timeout=self.timeout,
             )
+            if self._cancelled:
+                raise LoaderIOError(f"{self.path}: load cancelled")
             if chunk in self._errors:
                 raise LoaderIOError(f"{self.path}: {self._errors[chunk]}")
             if not ok or chunk not in self._ready:
@@ -190,50 +255,74 @@ class CacheReader:
             return fd
 
     def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        self._read_chunks(offset, views, self._wait)
+
+    def _read_chunks(self, offset: int, views: Sequence[memoryview], wait: Callable[[int], str | None]) -> None:
+        """Fill ``views`` chunk by chunk: from each chunk's cache file, or through the mount."""
         cs = self.chunk_size
         pending = [v for v in views if len(v)]
-        while pending:
+        i = 0
+        while i < len(pending):
             chunk = offset // cs
-            in_chunk = offset - chunk * cs
-            room = cs - in_chunk
+            room = cs - (offset - chunk * cs)
             # The views (or parts of them) that fall inside this chunk.
             batch: list[memoryview] = []
             take = 0
-            while pending and take < room:
-                v = pending[0]
+            while i < len(pending) and take < room:
+                v = pending[i]
                 n = min(len(v), room - take)
                 batch.append(v[:n])
                 take += n
                 if n == len(v):
-                    pending.pop(0)
+                    i += 1
                 else:
-                    pending[0] = v[n:]
-            cache_path = self._wait(chunk)
+                    pending[i] = v[n:]
+            cache_path = wait(chunk)
             fd = self._fd(cache_path) if cache_path else None
             if fd is not None:
                 try:
-                    preadv_full(fd, batch, in_chunk, cache_path or "")
-                    self.chunks_from_cache += 1
+                    preadv_full(fd, batch, offset - chunk * cs, cache_path or "")
                 except LoaderIOError:
-                    fd = None
+                    fd = None  # evicted and truncated meanwhile, say: the mount serves it
+                else:
+                    with self._cond:
+                        self.chunks_from_cache += 1
             if fd is None:
-                preadv_full(self.mount.fd, batch, offset, self.path)
-                self.chunks_from_mount += 1
+                self.mount.readinto(offset, batch)
+                with self._cond:
+                    self.chunks_from_mount += 1
             offset += take
 
+    def cancel(self) -> None:
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
+
     def close(self) -> None:
+        # Shut the socket down first: the event thread's read ends, the thread exits, and only
+        # then is the connection closed (closing it under a reading thread breaks http.client).
         if self._conn is not None:
             with contextlib.suppress(OSError):
                 if self._conn.sock is not None:
                     self._conn.sock.shutdown(socket.SHUT_RDWR)
-            self._conn.close()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._conn is not None:
+            self._conn.close()
         for fd in self._fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
         self.mount.close()
+
+
+def _record(ev: Any, ready: dict[int, str | None], errors: dict[int, str]) -> None:
+    """One event of the daemon's answer: ``{"chunk": k, "path": P | null}`` or ``{"chunk": k, "error": E}``."""
+    if "error" in ev:
+        errors[int(ev["chunk"])] = str(ev["error"])
+    else:
+        path = ev.get("path")
+        ready[int(ev["chunk"])] = path if isinstance(path, str) else None
 
 
 def find_control_socket(path: str) -> tuple[str, str] | None:
@@ -256,9 +345,16 @@ def find_control_socket(path: str) -> tuple[str, str] | None:
 
 
 def open_reader(path: str, *, fast_path: bool = True) -> RangeReader:
-    """A :class:`CacheReader` on a lazyfs mount we can talk to, else a :class:`PlainReader`."""
+    """A :class:`CacheReader` on a lazyfs mount we can talk to, else a :class:`PlainReader`.
+
+    The fast path follows symlinks first (a Hugging Face snapshot links to ``../../blobs/``):
+    the daemon knows the file by its real path inside the mount.
+    """
     if fast_path:
-        found = find_control_socket(path)
+        real = os.path.realpath(path)
+        found = find_control_socket(real)
         if found is not None:
-            return CacheReader(path, found[0], found[1])
+            reader = CacheReader(real, found[0], found[1])
+            reader.path = reader.mount.path = path  # errors name the path the caller gave
+            return reader
     return PlainReader(path)

@@ -106,6 +106,7 @@ async def test_adjacent_chunks_are_coalesced(published: tuple[MemoryOrigin, Mani
     await f.aclose()
 
 
+@pytest.mark.allow_warnings
 async def test_corruption_is_never_returned(published: tuple[MemoryOrigin, Manifest], store: ChunkStore) -> None:
     origin, m = published
     faulty = FaultyOrigin(origin)
@@ -117,6 +118,7 @@ async def test_corruption_is_never_returned(published: tuple[MemoryOrigin, Manif
     await f.aclose()
 
 
+@pytest.mark.allow_warnings
 async def test_persistent_corruption_fails_and_is_not_cached(
     published: tuple[MemoryOrigin, Manifest], store: ChunkStore
 ) -> None:
@@ -196,6 +198,7 @@ async def test_demand_beats_readahead(published: tuple[MemoryOrigin, Manifest]) 
     await f.aclose()
 
 
+@pytest.mark.allow_warnings
 async def test_torn_cache_entry_falls_back_to_origin(
     published: tuple[MemoryOrigin, Manifest], store: ChunkStore
 ) -> None:

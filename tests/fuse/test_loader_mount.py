@@ -1,0 +1,301 @@
+"""``lazyfs.loader`` on a real lazyfs mount (FUSE, daemon started through the CLI).
+
+The fast path: the loader sends its read plan to the mount's daemon, which fetches the
+chunks in that order and reports each one's verified cache file; the loader ``pread``s
+those files, bypassing FUSE.  Checked here against ``safetensors.torch.load_file`` of the
+source files:
+
+* a model, a sharded model and a Hugging-Face-style symlink load equal, with chunks read
+  from the cache (``last_statistics().chunks_from_cache > 0``); ``fast_path=False`` (reads
+  through FUSE) is equal too;
+* the plan is what the daemon fetches: a ``keys`` load pulls only those tensors' chunks
+  from the origin;
+* an origin that fails mid-load (``tools/test_origin.py`` answering 503) gives a
+  ``LoaderError`` naming the file and a tensor within the mount's read timeout — never a
+  partial dict — and once the origin heals, the same mount loads the model.
+
+Models are generated and published with 64 KiB chunks so a few MiB make hundreds of chunks.
+These tests need /dev/fuse and root (the CI machine has both); they fail, never skip, without.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+from lazyfs.loader import LoaderError, iter_tensors, last_statistics, load_file, safe_open
+from tests.helpers import run_lazyfs
+from tools.test_origin import OriginProcess, start_test_origin
+
+pytestmark = pytest.mark.fuse
+
+KiB = 1024
+MiB = 1024 * KiB
+CHUNK = "64KiB"
+# Short, so the failure test is quick; long enough for a loaded 2-core machine to serve a chunk.
+READ_TIMEOUT = 2.0
+REF = "loader:v1"
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(ref)
+    for k, r in ref.items():
+        assert got[k].dtype == r.dtype and got[k].shape == r.shape, k
+        assert torch.equal(as_bytes(got[k]), as_bytes(r)), k
+
+
+def rand(dtype: torch.dtype, *shape: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for d in shape:
+        n *= d
+    size = torch.empty(0, dtype=dtype).element_size()
+    return torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g).view(dtype).reshape(shape)
+
+
+@dataclass(frozen=True)
+class Published:
+    src: Path
+    origin_dir: Path
+
+    @property
+    def file_url(self) -> str:
+        return f"file://{self.origin_dir}"
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory: pytest.TempPathFactory) -> Published:
+    """A tree of models, seeded once with ``lazyfs seed --chunk-size 64KiB``."""
+    src = tmp_path_factory.mktemp("src")
+    (src / "model").mkdir()
+    model = {
+        "embed": rand(torch.bfloat16, 1024, 1536, seed=1),  # 3 MiB
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "mask": torch.arange(1000) % 7 == 0,
+        "f8": rand(torch.float8_e4m3fn, 333, 77, seed=2),
+    }
+    model |= {f"layers.{i}.norm": rand(torch.float32, 64 + i, seed=10 + i) for i in range(200)}
+    model |= {f"layers.{i}.w": rand(torch.float16, 256, 512 + i, seed=500 + i) for i in range(8)}
+    model["lm_head"] = rand(torch.bfloat16, 2048, 1024, seed=3)  # 4 MiB, last in the file
+    safetensors.torch.save_file(model, src / "model" / "model.safetensors", metadata={"format": "pt"})
+    (src / "model" / "config.json").write_text("{}")
+
+    (src / "sharded").mkdir()
+    weight_map: dict[str, str] = {}
+    for s in range(2):
+        shard = {f"s{s}.{j}": rand(torch.bfloat16, 300, 700 + j, seed=100 * s + j) for j in range(4)}
+        name = f"model-{s + 1:05d}-of-00002.safetensors"
+        safetensors.torch.save_file(shard, src / "sharded" / name)
+        weight_map |= dict.fromkeys(shard, name)
+    (src / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+    # Hugging Face cache layout: snapshots/<rev>/model.safetensors -> ../../blobs/<hash>
+    (src / "hub" / "blobs").mkdir(parents=True)
+    (src / "hub" / "snapshots" / "rev").mkdir(parents=True)
+    safetensors.torch.save_file({"w": rand(torch.float32, 512, 512, seed=7)}, src / "hub" / "blobs" / "abc123")
+    os.symlink("../../blobs/abc123", src / "hub" / "snapshots" / "rev" / "model.safetensors")
+
+    # For the failure test: 8 MiB in 32 tensors of 256 KiB.
+    (src / "failing").mkdir()
+    failing = {f"t{i:02d}": rand(torch.bfloat16, 128 * KiB, seed=1000 + i) for i in range(32)}
+    safetensors.torch.save_file(failing, src / "failing" / "model.safetensors")
+
+    origin_dir = tmp_path_factory.mktemp("origin")
+    run = run_lazyfs("seed", str(src), f"file://{origin_dir}", "--name", REF, "--chunk-size", CHUNK, "-q", timeout=120)
+    assert run.returncode == 0, run.stderr
+    return Published(src, origin_dir)
+
+
+class Mounts:
+    """Mounts through ``lazyfs mount`` (each with its own cache); all unmounted at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.mountpoints: list[tuple[Path, Path]] = []
+
+    def __call__(self, origin: str, ref: str = REF) -> Path:
+        n = len(self.mountpoints)
+        mp, cache = self.tmp_path / f"mnt{n}", self.tmp_path / f"cache{n}"
+        mp.mkdir()
+        run = run_lazyfs(
+            "mount", origin, ref, str(mp), "--cache-dir", str(cache), "--read-timeout", str(READ_TIMEOUT), timeout=60
+        )
+        assert run.returncode == 0, run.stderr
+        assert os.path.ismount(mp)
+        self.mountpoints.append((mp, cache))
+        return mp
+
+    def daemon_log(self, mp: Path) -> str:
+        for m, cache in self.mountpoints:
+            if m == mp:
+                with contextlib.suppress(OSError):
+                    return (cache / "daemon.log").read_text(errors="replace")[-3000:]
+        return ""
+
+    def unmount_all(self) -> None:
+        for mp, _ in reversed(self.mountpoints):
+            if os.path.ismount(mp):
+                run = run_lazyfs("umount", str(mp), timeout=60)
+                if run.returncode != 0 and os.path.ismount(mp):
+                    subprocess.run(["umount", "-l", str(mp)], check=False, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def mounts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mounts]:
+    m = Mounts(tmp_path_factory.mktemp("mounts"))
+    try:
+        yield m
+    finally:
+        m.unmount_all()
+
+
+@pytest.fixture(scope="module")
+def file_mount(published: Published, mounts: Mounts) -> Path:
+    """The published tree mounted from its ``file://`` origin (one mount for the module)."""
+    return mounts(published.file_url)
+
+
+@dataclass(frozen=True)
+class HTTPMount:
+    origin: OriginProcess
+    mountpoint: Path
+
+
+@pytest.fixture(scope="module")
+def http_server(published: Published, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OriginProcess]:
+    log = tmp_path_factory.mktemp("origin-log") / "origin.log"
+    with start_test_origin(published.origin_dir, log_path=log) as origin:
+        yield origin
+
+
+@pytest.fixture(scope="module")
+def http_mountpoint(http_server: OriginProcess, mounts: Mounts) -> Path:
+    return mounts(http_server.url)
+
+
+@pytest.fixture
+def http_mount(http_server: OriginProcess, http_mountpoint: Path) -> Iterator[HTTPMount]:
+    """The tree mounted from the controllable HTTP origin (one mount; faults healed after each test).
+
+    Tests using it read disjoint files, so each starts with a cold cache for its file.
+    """
+    try:
+        yield HTTPMount(http_server, http_mountpoint)
+    finally:
+        http_server.heal()
+
+
+def stats() -> tuple[int, int, int]:
+    s = last_statistics()
+    assert s is not None
+    return s.files, s.chunks_from_cache, s.chunks_from_mount
+
+
+# --- the fast path ------------------------------------------------------------------------------------
+
+
+def test_fast_path_reads_verified_chunks_from_the_cache(published: Published, file_mount: Path) -> None:
+    mp = file_mount
+    ref = safetensors.torch.load_file(published.src / "model" / "model.safetensors")
+    path = mp / "model" / "model.safetensors"
+
+    assert_same(load_file(path), ref)  # cold: the daemon fetches in plan order
+    files, from_cache, from_mount = stats()
+    assert files == 1 and from_cache > 0 and from_mount == 0
+
+    assert_same(load_file(path), ref)  # warm
+    assert stats()[1] > 0
+
+    assert_same(load_file(path, fast_path=False), ref)  # through FUSE
+    assert stats()[1:] == (0, 0)
+
+    keys = ["lm_head", "layers.3.norm", "scalar", "empty"]
+    assert_same(dict(iter_tensors(path, keys=keys)), {k: ref[k] for k in keys})
+    with safe_open(path, framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        assert torch.equal(as_bytes(f.get_slice("embed")[100:103, 5:9]), as_bytes(ref["embed"][100:103, 5:9]))
+
+
+def test_sharded_and_symlinked_models_on_a_mount(published: Published, file_mount: Path) -> None:
+    mp = file_mount
+    src = published.src
+    shards: dict[str, torch.Tensor] = {}
+    for f in sorted((src / "sharded").glob("*.safetensors")):
+        shards |= safetensors.torch.load_file(f)
+    assert_same(load_file(mp / "sharded"), shards)
+    assert stats()[:2][0] == 2 and stats()[1] > 0
+    assert_same(load_file(mp / "sharded" / "model.safetensors.index.json", keys=["s1.2"]), {"s1.2": shards["s1.2"]})
+    assert stats()[0] == 1  # only the shard holding s1.2 was opened
+
+    # The daemon knows the blob by its real path: the loader resolves the link first.
+    ref = safetensors.torch.load_file(src / "hub" / "blobs" / "abc123")
+    assert_same(load_file(mp / "hub" / "snapshots" / "rev" / "model.safetensors"), ref)
+    assert stats()[1] > 0
+
+
+def test_the_plan_is_what_the_daemon_fetches(published: Published, http_mount: HTTPMount) -> None:
+    """A ``keys`` load of the last tensor pulls that tensor's chunks, not the 8 MiB before it."""
+    mp, http_origin = http_mount.mountpoint, http_mount.origin
+    http_origin.reset()
+    ref = safetensors.torch.load_file(published.src / "model" / "model.safetensors")
+    got = load_file(mp / "model" / "model.safetensors", keys=["lm_head"])
+    assert_same(got, {"lm_head": ref["lm_head"]})
+    assert stats()[1] > 0
+    served = http_origin.stats().bytes_for("packs/")
+    wanted = ref["lm_head"].numel() * 2
+    # The header's chunk, kernel read-ahead around it and chunk rounding: well under 1 MiB.
+    assert wanted <= served <= wanted + 1 * MiB, (served, wanted)
+
+
+# --- an origin that fails mid-load ------------------------------------------------------------------------
+
+
+def test_origin_failing_mid_load(published: Published, http_mount: HTTPMount, mounts: Mounts) -> None:
+    mp, http_origin = http_mount.mountpoint, http_mount.origin
+    path = mp / "failing" / "model.safetensors"
+    ref = safetensors.torch.load_file(published.src / "failing" / "model.safetensors")
+    # Each pack request takes 0.2 s: the first tensors land, most chunks are still to fetch.
+    http_origin.set_faults(delay=0.2)
+    it = iter_tensors(path, threads=2)
+    first, tensor = next(it)
+    assert torch.equal(as_bytes(tensor), as_bytes(ref[first]))
+    http_origin.set_faults(fail=503)
+    t0 = time.monotonic()
+    seen = [first]
+    with pytest.raises(LoaderError) as info:
+        for name, _ in it:
+            seen.append(name)
+    elapsed = time.monotonic() - t0
+    msg = str(info.value)
+    assert str(path) in msg and "loading tensor 't" in msg, msg
+    assert len(seen) < len(ref)
+    assert elapsed < READ_TIMEOUT + 3, f"the error took {elapsed:.1f} s (read timeout {READ_TIMEOUT} s)"
+
+    # load_file under the same failure: an exception, never a partial dict.
+    result = None
+    t0 = time.monotonic()
+    with pytest.raises(LoaderError, match=r"failing/model.safetensors: loading tensor 't\d\d'"):
+        result = load_file(path)
+    assert result is None
+    assert time.monotonic() - t0 < READ_TIMEOUT + 3
+
+    # The origin heals: the same mount serves the whole model.
+    http_origin.heal()
+    assert_same(load_file(path), ref)
+    assert stats()[1] > 0, mounts.daemon_log(mp)

