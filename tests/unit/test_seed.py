@@ -476,10 +476,7 @@ async def test_files_that_change_during_the_seed(tree: Tree, memory_origin: Memo
     assert not any(k.startswith(("refs/", "manifests/")) for k in memory_origin.objects)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file; the CLI test covers this as 'nobody'")
-async def test_an_unreadable_file_fails_the_scan(tree: Tree, memory_origin: MemoryOrigin) -> None:
-    with pytest.raises(SeedError, match="no-perms: permission denied"):
-        await seed(tree.root, memory_origin, REF, CONFIG)
+# An unreadable file is tested through the CLI as uid 65534 (tests/unit/test_cli_seed.py): root reads anything.
 
 
 # --- progress -------------------------------------------------------------------------------------
