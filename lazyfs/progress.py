@@ -56,9 +56,9 @@ class LineProgress:
     """One line at most every ``interval`` seconds, plus a final summary."""
 
     # A line every 5 s keeps a 10-minute seed under ~120 lines of log.
-    def __init__(self, label: str, stream: TextIO = sys.stderr, interval: float = 5.0) -> None:
+    def __init__(self, label: str, stream: TextIO | None = None, interval: float = 5.0) -> None:
         self.label = label
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr
         self.interval = interval
         self.total = 0
         self.done = 0
@@ -122,8 +122,9 @@ class RichProgress:
         self._progress.stop()
 
 
-def open_progress(label: str, *, quiet: bool = False, stream: TextIO = sys.stderr) -> ProgressReporter:
+def open_progress(label: str, *, quiet: bool = False, stream: TextIO | None = None) -> ProgressReporter:
     """A bar on a terminal, periodic lines otherwise, nothing when ``quiet``."""
+    stream = stream if stream is not None else sys.stderr  # looked up now: sys.stderr may be replaced
     if quiet:
         return NullProgress()
     if stream.isatty():
