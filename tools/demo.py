@@ -9,6 +9,7 @@ goes through the ``lazyfs`` command, as a user would type it.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -25,6 +26,29 @@ def lazyfs(*args: str, capture: bool = False) -> str:
     if res.returncode != 0:
         raise SystemExit(f"demo: `lazyfs {args[0]}` failed with exit code {res.returncode}")
     return res.stdout or ""
+
+
+def embed_and_compare(mp: str, model_dir: Path) -> bool:
+    """Load the model from the mount, print an embedding, compare with the original directory.
+
+    Runs in its own frame and collects garbage afterwards: safetensors maps the weights
+    file, and the mount cannot be unmounted while the mapping lives.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    sentence = "lazyfs makes cold starts fast"
+    t = time.perf_counter()
+    model = SentenceTransformer(mp, device="cpu")
+    load_s = time.perf_counter() - t
+    emb = model.encode([sentence])[0]
+    print(f"loaded from the mount in {load_s:.2f} s; embedding of {sentence!r}:")
+    print("  [" + ", ".join(f"{x:+.4f}" for x in emb[:8]) + f", ...] ({len(emb)} dims)")
+    ref = SentenceTransformer(str(model_dir), device="cpu").encode([sentence])[0]
+    same = bool((abs(ref - emb) < 1e-6).all())
+    print(f"  identical to loading from {model_dir}: {same}\n")
+    del model
+    gc.collect()
+    return same
 
 
 def main() -> int:
@@ -54,18 +78,7 @@ def main() -> int:
     lazyfs("mount", args.origin, args.name, mp, *extra)
     print(f"mounted in {time.perf_counter() - t:.2f} s; files: {sorted(os.listdir(mp))}\n")
     try:
-        from sentence_transformers import SentenceTransformer
-
-        sentence = "lazyfs makes cold starts fast"
-        t = time.perf_counter()
-        model = SentenceTransformer(mp, device="cpu")
-        load_s = time.perf_counter() - t
-        emb = model.encode([sentence])[0]
-        print(f"loaded from the mount in {load_s:.2f} s; embedding of {sentence!r}:")
-        print("  [" + ", ".join(f"{x:+.4f}" for x in emb[:8]) + f", ...] ({len(emb)} dims)")
-        ref = SentenceTransformer(str(model_dir), device="cpu").encode([sentence])[0]
-        same = bool((abs(ref - emb) < 1e-6).all())
-        print(f"  identical to loading from {model_dir}: {same}\n")
+        same = embed_and_compare(mp, model_dir)
         status = json.loads(lazyfs("status", mp, "--json", capture=True))
         f = status["fetch"]
         print(
