@@ -51,6 +51,7 @@ from bench.common import (
     ensure_weights,
     median,
     read_file,
+    replace_section,
     resident_bytes,
     seed_once,
     start_nginx,
@@ -484,18 +485,7 @@ def write_results(path: Path, bench: Bench, command: str) -> None:
         *[f"- {n}" for n in bench.notes],
         SECTION_END,
     ]
-    text = path.read_text() if path.exists() else (
-        "# Benchmark results\n\nThe latest figures of each benchmark in bench/, one section per benchmark.\n"
-        "Every figure is a ratio against a baseline measured in the same invocation, next to the physical\n"
-        "limit from DESIGN.md (\"Measured limits\").\n\n"
-    )
-    if SECTION_BEGIN in text and SECTION_END in text:
-        pre, rest = text.split(SECTION_BEGIN, 1)
-        post = rest.split(SECTION_END, 1)[1]
-        text = pre + "\n".join(body) + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
-    path.write_text(text)
+    replace_section(path, SECTION_BEGIN, SECTION_END, body)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

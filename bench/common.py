@@ -436,3 +436,26 @@ def timed() -> Iterator[list[float]]:
         yield out
     finally:
         out.append(time.perf_counter() - t)
+
+
+RESULTS_PREAMBLE = (
+    "# Benchmark results\n\nThe latest figures of each benchmark in bench/, one section per benchmark.\n"
+    "Every figure is a ratio against a baseline measured in the same invocation, next to the physical\n"
+    'limit from DESIGN.md ("Measured limits").\n\n'
+)
+
+
+def replace_section(path: Path, begin: str, end: str, body: Sequence[str]) -> None:
+    """Write ``body`` (which starts with ``begin`` and ends with ``end``) into ``path``.
+
+    The text between an existing ``begin``/``end`` pair is replaced; otherwise the section is
+    appended.  Other benchmarks' sections are left as they are.
+    """
+    text = path.read_text() if path.exists() else RESULTS_PREAMBLE
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        post = rest.split(end, 1)[1]
+        text = pre + "\n".join(body) + post
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
+    path.write_text(text)

@@ -30,11 +30,10 @@ import uvloop
 
 from lazyfs import __version__
 from lazyfs.catalog import list_refs, load_manifest, resolve_ref
-from lazyfs.config import MountConfig, OriginConfig, SeedConfig
+from lazyfs.config import MountConfig, OriginConfig, SeedConfig, s3_config_from_env
 from lazyfs.errors import LazyfsError, UsageError
 from lazyfs.manifest import EntryType, Manifest, parse_ref
 from lazyfs.origin import open_origin
-from lazyfs.origin.s3 import s3_config_from_env
 from lazyfs.progress import human_bytes, open_progress
 from lazyfs.seed import seed
 

@@ -7,9 +7,11 @@ them directly.  No ``**kwargs`` bags.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["OriginConfig", "SeedConfig"]
+__all__ = ["MountConfig", "OriginConfig", "SeedConfig", "s3_config_from_env"]
 
 MiB = 1024 * 1024
 
@@ -62,3 +64,17 @@ class MountConfig:
     # Directory for the daemon's control socket (short path: sun_path holds 108 bytes).
     runtime_dir: str = "/tmp"
     origin_config: OriginConfig = OriginConfig()
+
+
+def s3_config_from_env(env: Mapping[str, str], base: OriginConfig | None = None) -> OriginConfig:
+    """``base`` with the S3 endpoint and region taken from the usual AWS variables.
+
+    ``AWS_ENDPOINT_URL_S3`` beats ``AWS_ENDPOINT_URL``; ``AWS_REGION`` beats
+    ``AWS_DEFAULT_REGION`` (the AWS CLI's precedence).  Values already set in ``base``
+    win over the environment.  Credentials are not read here: lazyfs.origin.s3 uses
+    the standard AWS credential chain.
+    """
+    base = base if base is not None else OriginConfig()
+    endpoint = base.s3_endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
+    region = base.s3_region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
+    return dataclasses.replace(base, s3_endpoint=endpoint, s3_region=region)

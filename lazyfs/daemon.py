@@ -233,14 +233,7 @@ def _control_app(m: MountedFs) -> web.Application:
 
 
 def _warm_total(m: MountedFs, paths: list[bytes] | None) -> int:
-    idx: set[int] = set()
-    for e in m.manifest.entries:
-        target = m.manifest.resolve(e)  # a hardlink name counts like the file it names
-        if target.type.name != "REG":
-            continue
-        if paths is None or any(not p or e.path == p or e.path.startswith(p + b"/") for p in paths):
-            idx.update(target.chunks)
-    return sum(m.manifest.chunks[i].size for i in idx)
+    return sum(m.manifest.chunks[i].size for i in m.fs.chunks_of(paths))
 
 
 @contextlib.asynccontextmanager

@@ -246,9 +246,11 @@ class LazyFilesystem:
         if len(idx) == 1:
             data = await self._get(idx[0], priority)
             return data[offset - first * cs : end - first * cs]
-        parts = await asyncio.gather(*(self._get(i, priority) for i in idx))
-        out = b"".join(parts)
-        return out[offset - first * cs : end - first * cs]
+        parts = [memoryview(p) for p in await asyncio.gather(*(self._get(i, priority) for i in idx))]
+        # Trim the first and last chunk before joining: one copy of exactly the bytes asked for.
+        parts[-1] = parts[-1][: end - (first + len(idx) - 1) * cs]
+        parts[0] = parts[0][offset - first * cs :]
+        return b"".join(parts)
 
     async def _get(self, index: int, priority: Priority) -> bytes:
         """``fetcher.get``, except that a chunk which failed less than FAILED_HOLD ago fails at once."""
@@ -272,11 +274,8 @@ class LazyFilesystem:
                 raise FilesystemError(errno.EIO, str(exc)) from exc
             raise
 
-    async def warm(self, paths: list[bytes] | None = None, on_chunk: Callable[[int], None] | None = None) -> int:
-        """Fetch every chunk of ``paths`` (all files when None) at BACKGROUND priority.
-
-        Returns the number of bytes covered; ``on_chunk`` is called with each chunk's size.
-        """
+    def chunks_of(self, paths: list[bytes] | None = None) -> list[int]:
+        """Chunk indices of every file under ``paths`` (all files when None), each once, in tree order."""
         files: list[Entry] = []
         if paths is None:
             files = [x for x in self._entries if x.type is EntryType.REG]
@@ -291,7 +290,14 @@ class LazyFilesystem:
                         files.append(t)
             elif e.type is EntryType.REG:
                 files.append(e)
-        todo = list(dict.fromkeys(i for f in files for i in f.chunks))
+        return list(dict.fromkeys(i for f in files for i in f.chunks))
+
+    async def warm(self, paths: list[bytes] | None = None, on_chunk: Callable[[int], None] | None = None) -> int:
+        """Fetch every chunk of ``paths`` (all files when None) at BACKGROUND priority.
+
+        Returns the number of bytes covered; ``on_chunk`` is called with each chunk's size.
+        """
+        todo = self.chunks_of(paths)
         total = 0
         # A bounded window keeps warming from crowding out demand reads and memory.
         sem = asyncio.Semaphore(32)

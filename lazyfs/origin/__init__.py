@@ -15,14 +15,17 @@ one line saying what is wrong.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from lazyfs.config import OriginConfig
 from lazyfs.errors import BadURLError, UsageError
 from lazyfs.origin.base import Origin, check_key
 from lazyfs.origin.file import FileOrigin
-from lazyfs.origin.http import HTTPOrigin
-from lazyfs.origin.s3 import S3Credentials, S3Origin, s3_config_from_env
+
+if TYPE_CHECKING:
+    from lazyfs.origin.http import HTTPOrigin
+    from lazyfs.origin.s3 import S3Credentials, S3Origin, s3_config_from_env
 
 __all__ = [
     "FileOrigin",
@@ -34,6 +37,25 @@ __all__ = [
     "open_origin",
     "s3_config_from_env",
 ]
+
+# aiohttp and obstore cost ~0.3 s to import: load them when an http(s) or s3 origin is used,
+# so commands that never touch one (status, umount, file:// seeds) start fast.
+_LAZY = {
+    "HTTPOrigin": "lazyfs.origin.http",
+    "S3Credentials": "lazyfs.origin.s3",
+    "S3Origin": "lazyfs.origin.s3",
+    "s3_config_from_env": "lazyfs.origin.s3",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lazyfs.origin' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)
+
 
 _SCHEMES = "file:///abs/dir, http(s)://host/prefix or s3://bucket/prefix"
 
@@ -48,6 +70,8 @@ def open_origin(url: str, config: OriginConfig = OriginConfig()) -> Origin:
     if scheme == "file":
         return _open_file(url, parts.netloc, parts.path, parts.query, parts.fragment)
     if scheme in ("http", "https"):
+        from lazyfs.origin.http import HTTPOrigin
+
         return HTTPOrigin(url.strip(), config)
     if scheme == "s3":
         return _open_s3(url, parts.netloc, parts.path, parts.query, parts.fragment, config)
@@ -72,6 +96,8 @@ def _open_file(url: str, host: str, path: str, query: str, fragment: str) -> Fil
 
 
 def _open_s3(url: str, netloc: str, path: str, query: str, fragment: str, config: OriginConfig) -> S3Origin:
+    from lazyfs.origin.s3 import S3Origin
+
     if query or fragment:
         raise BadURLError(f"{url!r}: an s3 origin URL cannot have a query or a fragment")
     if "@" in netloc or ":" in netloc:

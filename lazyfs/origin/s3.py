@@ -40,9 +40,7 @@ connection failures, timeouts, 5xx after obstore's retries).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -53,7 +51,7 @@ from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
 from obstore.store import S3Store
 
 from lazyfs import __version__
-from lazyfs.config import OriginConfig
+from lazyfs.config import OriginConfig, s3_config_from_env
 from lazyfs.errors import (
     AccessDeniedError,
     BadURLError,
@@ -100,18 +98,6 @@ class S3Credentials:
     access_key_id: str
     secret_access_key: str = field(repr=False)
     session_token: str | None = field(default=None, repr=False)
-
-
-def s3_config_from_env(env: Mapping[str, str], base: OriginConfig = OriginConfig()) -> OriginConfig:
-    """``base`` with the S3 endpoint and region taken from the usual AWS variables.
-
-    ``AWS_ENDPOINT_URL_S3`` beats ``AWS_ENDPOINT_URL``; ``AWS_REGION`` beats
-    ``AWS_DEFAULT_REGION`` (the AWS CLI's precedence).  Values already set in ``base``
-    win over the environment.  Credentials are not read here: see the module docstring.
-    """
-    endpoint = base.s3_endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-    region = base.s3_region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
-    return dataclasses.replace(base, s3_endpoint=endpoint, s3_region=region)
 
 
 def check_bucket_name(bucket: str) -> str:
