@@ -30,7 +30,7 @@ import uvloop
 
 from lazyfs import __version__
 from lazyfs.catalog import list_refs, load_manifest, resolve_ref
-from lazyfs.config import MountConfig, OriginConfig, SeedConfig, s3_config_from_env
+from lazyfs.config import MountConfig, OriginConfig, PeerConfig, SeedConfig, parse_host_port, s3_config_from_env
 from lazyfs.errors import LazyfsError, UsageError
 from lazyfs.manifest import EntryType, Manifest, parse_ref
 from lazyfs.origin import open_origin
@@ -219,6 +219,7 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
     if metrics is not None and not re.match(r"^[^:]*:\d{1,5}$", metrics):
         raise UsageError(f"bad --metrics-addr {metrics!r}: use HOST:PORT")
     allow_other = args.allow_other if args.allow_other is not None else os.geteuid() == 0
+    peers = _peer_config(args)
     return MountConfig(
         origin=args.origin,
         ref=args.ref,
@@ -230,7 +231,74 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         metrics_addr=metrics,
         runtime_dir=default_runtime_dir(env),
         origin_config=origin_config_from_env(env),
+        peers=peers,
     )
+
+
+_TOKEN = re.compile(rb"[\x21-\x7e]+")
+
+
+def read_token_file(path: str) -> bytes:
+    """The cluster secret: the file's content without surrounding whitespace, printable ASCII only."""
+    try:
+        with open(path, "rb") as f:
+            token = f.read(4097).strip()
+    except OSError as exc:
+        raise UsageError(f"cannot read the peer token file {path}: {exc.strerror or exc}") from exc
+    if not token:
+        raise UsageError(f"the peer token file {path} is empty")
+    if len(token) > 4096 or not _TOKEN.fullmatch(token):
+        raise UsageError(f"the peer token in {path} must be one word of printable ASCII, at most 4096 bytes")
+    return token
+
+
+def _peer_config(args: argparse.Namespace) -> PeerConfig | None:
+    peers = tuple(p.strip() for p in (args.peers or "").split(",") if p.strip())
+    tls = (args.peer_tls_cert, args.peer_tls_key, args.peer_tls_ca)
+    if not (args.listen or peers or args.peers_dns):
+        if args.peer_token_file or any(tls):
+            raise UsageError("peer options need --peers or --peers-dns")
+        return None
+    if not (peers or args.peers_dns):
+        raise UsageError("--listen needs --peers or --peers-dns (who the other nodes are)")
+    for p in peers:
+        parse_host_port(p, "peer")
+    if args.peers_dns:
+        parse_host_port(args.peers_dns, "--peers-dns")
+    if args.listen:
+        parse_host_port(args.listen, "--listen address")
+    if not args.peer_token_file:
+        raise UsageError("peers need a shared secret: --peer-token-file FILE")
+    if args.peer_timeout <= 0:
+        raise UsageError("--peer-timeout must be positive")
+    cert, key, ca = (os.path.abspath(p) if p else None for p in tls)
+    return PeerConfig(
+        token=read_token_file(args.peer_token_file),
+        listen=args.listen,
+        peers=peers,
+        peers_dns=args.peers_dns,
+        timeout=args.peer_timeout,
+        tls_cert=cert,
+        tls_key=key,
+        tls_ca=ca,
+    )
+
+
+def _peer_argv(args: argparse.Namespace) -> list[str]:
+    """The peer flags again, for the detached daemon (paths made absolute: it starts elsewhere)."""
+    out: list[str] = []
+    for flag, value, is_path in (
+        ("--listen", args.listen, False),
+        ("--peers", args.peers, False),
+        ("--peers-dns", args.peers_dns, False),
+        ("--peer-token-file", args.peer_token_file, True),
+        ("--peer-tls-cert", args.peer_tls_cert, True),
+        ("--peer-tls-key", args.peer_tls_key, True),
+        ("--peer-tls-ca", args.peer_tls_ca, True),
+    ):
+        if value:
+            out += [flag, os.path.abspath(value) if is_path else value]
+    return [*out, "--peer-timeout", str(args.peer_timeout)]
 
 
 def _cmd_mount(args: argparse.Namespace) -> int:
@@ -277,6 +345,7 @@ def _mount_background(args: argparse.Namespace, config: MountConfig) -> int:
              "--allow-other" if config.allow_other else "--no-allow-other"]
     if config.metrics_addr:
         argv += ["--metrics-addr", config.metrics_addr]
+    argv += _peer_argv(args)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, pass_fds=(w,), start_new_session=True
@@ -367,6 +436,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"  failures   origin errors {f['origin_errors']}, verification {f['verify_failures']}, "
           f"deadlines {f['deadline_failures']}, cache writes {f['cache_write_errors']}")
     print(f"  cache      {st['cache_dir']}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    p = st.get("peers")
+    if p:
+        print(f"  peers      {p['live']} of {p['members']} live, this node {p['self'] or '(not a member)'}; "
+              f"received {human_bytes(p['bytes_received'])}, served {human_bytes(p['bytes_served'])} "
+              f"in {p['requests_served']} requests, refused {p['requests_refused']}")
+        for key, peer in p["peers"].items():
+            err = f", last error: {peer['last_error']}" if peer["last_error"] else ""
+            print(f"    {key:<22} {peer['state']:<8} {human_bytes(peer['bytes'])} received, "
+                  f"{peer['errors']} errors, {peer['bad']} bad chunks{err}")
     for note in st.get("notes", []):
         print(f"  note       {note}")
     return 0
@@ -472,6 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-allow-other", dest="allow_other", action="store_false")
     s.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics here")
     s.add_argument("--foreground", action="store_true", help="do not detach")
+    g = s.add_argument_group("peers (share chunks with other nodes; see deploy/README.md)")
+    g.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks to peers here")
+    g.add_argument("--peers", metavar="H:P,...", help="the peers (every node gets the same list; may include itself)")
+    g.add_argument("--peers-dns", metavar="NAME:PORT", help="a DNS name whose addresses are the peers (re-resolved)")
+    g.add_argument("--peer-token-file", metavar="FILE", help="the cluster secret (required with peers)")
+    g.add_argument("--peer-tls-cert", metavar="FILE", help="TLS certificate for the peer server and client")
+    g.add_argument("--peer-tls-key", metavar="FILE", help="its private key")
+    g.add_argument("--peer-tls-ca", metavar="FILE", help="the cluster CA: peers must present a certificate it signed")
+    g.add_argument("--peer-timeout", type=float, default=5.0, metavar="S",
+                   help="seconds one peer may take for a chunk before the next source (default 5)")
     s.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     s.set_defaults(fn=_cmd_mount)
 

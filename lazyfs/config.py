@@ -11,7 +11,9 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["MountConfig", "OriginConfig", "SeedConfig", "s3_config_from_env"]
+from lazyfs.errors import UsageError
+
+__all__ = ["MountConfig", "OriginConfig", "PeerConfig", "SeedConfig", "parse_host_port", "s3_config_from_env"]
 
 MiB = 1024 * 1024
 
@@ -50,6 +52,43 @@ class SeedConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerConfig:
+    """The peer tier (package ``p2p``): who the peers are and how to talk to them.
+
+    Addresses are ``HOST:PORT`` strings.  ``peers`` and ``peers_dns`` may both be
+    given; the member set is their union, re-resolved every ``refresh_interval``.
+    A node whose own address is in the set takes part in placement (it is the
+    home of some chunks); one that is not only asks.
+    """
+
+    # The cluster secret every request carries (read from --peer-token-file by the CLI).
+    token: bytes
+    # HOST:PORT the peer server listens on; None: this node only asks, it serves nobody.
+    listen: str | None = None
+    peers: tuple[str, ...] = ()
+    # NAME:PORT resolved periodically; every address it resolves to is a peer.
+    peers_dns: str | None = None
+    refresh_interval: float = 10.0
+    # One peer's allowance for one chunk (including its own origin fetch, if it is the
+    # home) before the next candidate is tried.
+    timeout: float = 5.0
+    # A peer that fails is skipped for a while (doubling from backoff_initial up to
+    # backoff_max); one that sends bad bytes is skipped for bad_hold seconds.
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+    bad_hold: float = 300.0
+    # Candidates (in rendezvous order) that may fetch from the origin on our behalf
+    # before we go to the origin ourselves.
+    candidates: int = 2
+    # TLS: server certificate and key; with a CA, peers must present a certificate it signed.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    # Connections per peer.
+    max_connections: int = 8
+
+
+@dataclass(frozen=True, slots=True)
 class MountConfig:
     origin: str
     ref: str
@@ -64,6 +103,8 @@ class MountConfig:
     # Directory for the daemon's control socket (short path: sun_path holds 108 bytes).
     runtime_dir: str = "/tmp"
     origin_config: OriginConfig = OriginConfig()
+    # The peer tier; None: no peers (the cache, then the origin).
+    peers: PeerConfig | None = None
 
 
 def s3_config_from_env(env: Mapping[str, str], base: OriginConfig | None = None) -> OriginConfig:
@@ -78,3 +119,16 @@ def s3_config_from_env(env: Mapping[str, str], base: OriginConfig | None = None)
     endpoint = base.s3_endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
     region = base.s3_region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None
     return dataclasses.replace(base, s3_endpoint=endpoint, s3_region=region)
+
+
+def parse_host_port(text: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> ``(host, port)``; a one-line UsageError for anything else."""
+    host, sep, port_s = text.strip().rpartition(":")
+    if not sep or not host or not port_s.isdigit():
+        raise UsageError(f"bad {what} {text!r}: expected HOST:PORT")
+    port = int(port_s)
+    if not 0 < port < 65536:
+        raise UsageError(f"bad {what} {text!r}: port out of range")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, port

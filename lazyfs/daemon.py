@@ -7,6 +7,11 @@ Manifest resolution works offline when it can: the ref's last known digest and
 every verified manifest are kept in the cache directory, so a remount with
 the origin down succeeds and serves whatever is cached.
 
+The peer tier (package ``p2p``) plugs in here without lazyfs importing it:
+``run_mount`` takes a :data:`PeerTierFactory`, and when none is passed but the
+config asks for peers, it loads the one registered under the entry point group
+``lazyfs.peer_tier`` (``p2p`` registers itself in pyproject.toml).
+
 Shutdown: SIGTERM/SIGINT or an external ``umount`` end the FUSE loop; the
 daemon then unmounts (if still mounted), lets pending cache writes finish and
 closes the store.
@@ -23,15 +28,16 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from lazyfs import fuse
 from lazyfs.catalog import resolve_ref, verify_manifest
-from lazyfs.config import MountConfig
+from lazyfs.config import MountConfig, PeerConfig
 from lazyfs.errors import LazyfsError, ManifestError, NotFoundError, OriginError, UsageError
 from lazyfs.fetch import ChunkFetcher, ChunkSource, FetchConfig
 from lazyfs.fs import CONTROL_XATTR_PREFIX, LazyFilesystem
@@ -41,7 +47,16 @@ from lazyfs.origin import open_origin
 from lazyfs.origin.base import Origin
 from lazyfs.store import ChunkStore
 
-__all__ = ["CONTROL_XATTR", "STATUS_XATTR", "MountedFs", "open_manifest", "run_mount"]
+__all__ = [
+    "CONTROL_XATTR",
+    "STATUS_XATTR",
+    "MountedFs",
+    "PeerTier",
+    "PeerTierFactory",
+    "load_peer_tier",
+    "open_manifest",
+    "run_mount",
+]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +65,36 @@ STATUS_XATTR = CONTROL_XATTR_PREFIX + b"status"  # -> status JSON
 # Chunks of a loader's plan fetched ahead of the one it waits for: 32 x 4 MiB keeps a
 # 10 Gbit/s link busy through 100 ms of latency and stays inside the fetcher's budgets.
 PLAN_WINDOW = 32
+PEER_TIER_GROUP = "lazyfs.peer_tier"
+
+
+class PeerTier(Protocol):
+    """What the daemon needs from a peer tier: a fetcher source plus a server to start and stop."""
+
+    source: ChunkSource
+
+    async def start(self, fetcher: ChunkFetcher) -> None:
+        """Start serving peers (chunks come from ``fetcher``) and tracking members."""
+
+    async def aclose(self) -> None: ...
+
+    def statistics(self) -> Any:
+        """A statistics dataclass for the metrics exporter."""
+
+    def status(self) -> dict[str, Any]:
+        """JSON-able state for ``lazyfs status``."""
+
+
+PeerTierFactory = Callable[[PeerConfig, ChunkStore], PeerTier]
+
+
+def load_peer_tier() -> PeerTierFactory:
+    """The peer tier registered by an installed package (entry point group ``lazyfs.peer_tier``)."""
+    found = list(entry_points(group=PEER_TIER_GROUP))
+    if not found:
+        raise UsageError("peer options need the p2p package, which is not installed")
+    factory: PeerTierFactory = found[0].load()
+    return factory
 
 
 def _ref_blob(origin: Origin, ref: Ref) -> str:
@@ -106,6 +151,7 @@ class MountedFs:
     fetcher: ChunkFetcher
     fs: LazyFilesystem
     socket_path: str
+    peers: PeerTier | None = None
     started: float = dataclasses.field(default_factory=time.time)
     notes: list[str] = dataclasses.field(default_factory=list)
 
@@ -122,6 +168,7 @@ class MountedFs:
             "bytes": self.manifest.total_size,
             "fetch": dataclasses.asdict(self.fetcher.statistics()),
             "cache": dataclasses.asdict(self.store.statistics()),
+            "peers": None if self.peers is None else self.peers.status(),
             "notes": self.notes,
         }
 
@@ -263,20 +310,31 @@ def _check_mountpoint(mountpoint: Path) -> None:
 async def run_mount(
     config: MountConfig,
     on_ready: Callable[[MountedFs], None] = lambda m: None,
-    sources: Sequence[ChunkSource] = (),
+    peer_tier: PeerTierFactory | None = None,
 ) -> None:
     """Mount ``config.ref`` and serve until unmounted or signalled."""
     ref = parse_ref(config.ref)
     mountpoint = Path(config.mountpoint)
     await asyncio.to_thread(_check_mountpoint, mountpoint)
+    if config.peers is not None and peer_tier is None:
+        peer_tier = load_peer_tier()
     store = await asyncio.to_thread(ChunkStore.open, Path(config.cache_dir), config.cache_size)
     origin = open_origin(config.origin, config.origin_config)
     fetcher: ChunkFetcher | None = None
+    peers: PeerTier | None = None
     try:
         digest, manifest = await open_manifest(origin, ref, store)
+        if config.peers is not None and peer_tier is not None:
+            peers = peer_tier(config.peers, store)
         fetcher = ChunkFetcher(
-            manifest, origin, store, FetchConfig(read_timeout=config.read_timeout), sources=sources
+            manifest,
+            origin,
+            store,
+            FetchConfig(read_timeout=config.read_timeout),
+            sources=[] if peers is None else [peers.source],
         )
+        if peers is not None:
+            await peers.start(fetcher)
         await asyncio.to_thread(Path(config.runtime_dir).mkdir, parents=True, exist_ok=True, mode=0o700)
         socket_path = os.path.join(config.runtime_dir, f"lazyfs-{os.getpid()}.sock")
         holder: dict[str, MountedFs] = {}
@@ -288,13 +346,13 @@ async def run_mount(
                 STATUS_XATTR: lambda: json.dumps(holder["m"].status()).encode(),
             },
         )
-        m = MountedFs(config, ref, digest, manifest, origin, store, fetcher, fs, socket_path)
+        m = MountedFs(config, ref, digest, manifest, origin, store, fetcher, fs, socket_path, peers)
         holder["m"] = m
         if config.metrics_addr:
-            collector = StatisticsCollector(
-                {"fetch": fetcher.statistics, "cache": store.statistics},
-                {"mountpoint": config.mountpoint, "ref": str(ref)},
-            )
+            groups: dict[str, Callable[[], Any]] = {"fetch": fetcher.statistics, "cache": store.statistics}
+            if peers is not None:
+                groups["peers"] = peers.statistics
+            collector = StatisticsCollector(groups, {"mountpoint": config.mountpoint, "ref": str(ref)})
             try:
                 serve_metrics(config.metrics_addr, collector)
             except (OSError, ValueError) as exc:
@@ -315,6 +373,8 @@ async def run_mount(
         finally:
             fuse.close(unmount=True)
     finally:
+        if peers is not None:
+            await peers.aclose()
         if fetcher is not None:
             await fetcher.aclose()
         await origin.aclose()

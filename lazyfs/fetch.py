@@ -35,7 +35,7 @@ import enum
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +61,7 @@ __all__ = [
     "FetchConfig",
     "FetchStatistics",
     "Priority",
+    "Verifier",
     "decode_chunk",
 ]
 
@@ -84,18 +85,24 @@ class ChunkCache(Protocol):
     def path_of(self, digest: bytes) -> Path | None: ...
 
 
+# Checks candidate bytes for a chunk off the event loop: returns them, or raises IntegrityError.
+Verifier = Callable[[Chunk, bytes], Awaitable[bytes]]
+
+
 class ChunkSource(Protocol):
     """An extra tier between the cache and the origin (the peer tier).
 
-    ``fetch`` returns the raw bytes it claims belong to ``chunk`` or ``None``
-    when it cannot serve it; it never needs to verify — the fetcher does.
+    ``fetch`` returns the verified raw bytes of ``chunk`` or ``None`` when it
+    cannot serve it before ``deadline`` (a ``loop.time()`` value); ``priority``
+    is the reader's (a peer schedules its own origin fetches by it).  Every answer
+    it gets from elsewhere goes through ``verify`` (supplied by the fetcher,
+    which counts failures) before it is returned, so a source that asks several
+    untrusted peers can move on to the next one after bad bytes.
     """
 
     name: str
 
-    async def fetch(self, chunk: Chunk, deadline: float) -> bytes | None: ...
-
-    def report_bad(self, chunk: Chunk) -> None: ...
+    async def fetch(self, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier) -> bytes | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +191,14 @@ class _Flight:
     attempts: int = 0
     queued: bool = False
     task: asyncio.Task[None] | None = None
+    # False once a caller that must not cause peer traffic joined (the peer server):
+    # a chunk asked for by a peer is fetched from the cache or the origin, never
+    # forwarded to another peer, so two nodes can never wait on each other.
+    use_sources: bool = True
+    # Failed origin requests for this chunk (with sources, each failure goes back
+    # through the sources: another node may hold the chunk while the origin is down).
+    origin_failures: int = 0
+    started: float = 0.0
 
 
 @dataclass
@@ -236,6 +251,7 @@ class ChunkFetcher:
         self._writeback_room = asyncio.Condition()
         self._c = _Counters()
         self._closed = False
+        self._origin_ok = True
         self._index_of = {c.digest: i for i, c in enumerate(manifest.chunks)}
         # (pack, offset) -> chunk index: finds the neighbours of a chunk inside its pack.
         self._at: dict[tuple[int, int], int] = {(c.pack, c.offset): i for i, c in enumerate(manifest.chunks)}
@@ -245,13 +261,25 @@ class ChunkFetcher:
 
     # -- public API ------------------------------------------------------------
 
-    async def get(self, index: int, priority: Priority = Priority.DEMAND, deadline: float | None = None) -> bytes:
-        """Verified raw bytes of chunk ``index``; ``deadline`` is a ``loop.time()`` value."""
+    async def get(
+        self,
+        index: int,
+        priority: Priority = Priority.DEMAND,
+        deadline: float | None = None,
+        *,
+        use_sources: bool = True,
+    ) -> bytes:
+        """Verified raw bytes of chunk ``index``; ``deadline`` is a ``loop.time()`` value.
+
+        ``use_sources=False`` skips the extra sources (the peer tier) for this chunk:
+        the peer server asks this way, so a request from a peer never becomes a
+        request to another peer.
+        """
         self._c.requests += 1
         data = self._memory_get(index)
         if data is not None:
             return data
-        flight = self._start(index, priority)
+        flight = self._start(index, priority, use_sources)
         loop = asyncio.get_running_loop()
         if deadline is None:
             deadline = loop.time() + self.config.read_timeout
@@ -365,18 +393,45 @@ class ChunkFetcher:
 
     # -- flights ---------------------------------------------------------------
 
-    def _start(self, index: int, priority: Priority) -> _Flight:
+    @property
+    def origin_available(self) -> bool:
+        """False from a failed origin request until the next one succeeds (the peer tier asks)."""
+        return self._origin_ok
+
+    async def cached(self, index: int) -> bytes | None:
+        """Chunk ``index`` if it is in memory or in the cache, without fetching it."""
+        data = self._memory_get(index)
+        if data is not None or self.cache is None:
+            return data
+        loop = asyncio.get_running_loop()
+        digest = self.manifest.chunks[index].digest
+        try:
+            data = await loop.run_in_executor(self._executor, self.cache.read, digest, 0, None)
+        except Exception as exc:  # a broken cache is a miss, never a crash
+            log.warning("cache read of %s failed: %s", digest.hex()[:16], exc)
+            return None
+        return data if data is not None and len(data) == self.manifest.chunks[index].size else None
+
+    def index_of(self, digest: bytes) -> int | None:
+        """The index of the chunk with this digest in the manifest, if it has one."""
+        return self._index_of.get(digest)
+
+    def _start(self, index: int, priority: Priority, use_sources: bool = True) -> _Flight:
         if self._closed:
             raise UnavailableError("the filesystem is shutting down")
         flight = self._flights.get(index)
         if flight is not None:
+            if not use_sources:
+                flight.use_sources = False
             if priority < flight.priority:
                 flight.priority = priority  # a demand read promotes a queued read-ahead
                 if flight.queued:
                     self._wakeup.set()
             return flight
         loop = asyncio.get_running_loop()
-        flight = _Flight(index, loop.create_future(), priority, next(self._seq))
+        flight = _Flight(
+            index, loop.create_future(), priority, next(self._seq), use_sources=use_sources, started=loop.time()
+        )
         self._flights[index] = flight
         flight.task = asyncio.create_task(self._resolve(flight))
         return flight
@@ -412,7 +467,9 @@ class ChunkFetcher:
                     return
                 self._c.cache_misses += 1
             for source in self.sources:
-                data = await self._from_source(source, chunk)
+                if not flight.use_sources:
+                    break
+                data = await self._from_source(source, chunk, flight.priority)
                 if data is not None:
                     self._finish(flight, data)
                     self._write_back(chunk, data)
@@ -424,26 +481,31 @@ class ChunkFetcher:
             log.exception("fetching chunk %d failed unexpectedly", flight.index)
             self._finish(flight, exc=exc)
 
-    async def _from_source(self, source: ChunkSource, chunk: Chunk) -> bytes | None:
+    async def _from_source(self, source: ChunkSource, chunk: Chunk, priority: Priority) -> bytes | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.read_timeout
         try:
-            raw = await source.fetch(chunk, deadline)
+            data = await source.fetch(chunk, priority, deadline, self._verify)
         except LazyfsError as exc:
             self._c.peer_errors += 1
             log.info("%s could not serve %s: %s", source.name, chunk.digest.hex()[:16], exc)
             return None
-        if raw is None:
+        if data is None:
             return None
-        try:
-            data = await loop.run_in_executor(self._executor, verify_chunk, chunk, raw)
-        except IntegrityError as exc:
-            self._c.verify_failures += 1
-            log.warning("%s sent bad bytes: %s", source.name, exc)
-            source.report_bad(chunk)
+        if len(data) != chunk.size:  # a source that skipped verify: never trust it
+            self._c.peer_errors += 1
+            log.warning("%s returned %d bytes for a %d-byte chunk", source.name, len(data), chunk.size)
             return None
-        self._c.bytes_from_peers += len(raw)
+        self._c.bytes_from_peers += len(data)
         return data
+
+    async def _verify(self, chunk: Chunk, raw: bytes) -> bytes:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, verify_chunk, chunk, raw)
+        except IntegrityError:
+            self._c.verify_failures += 1
+            raise
 
     # -- origin scheduling -----------------------------------------------------
 
@@ -505,16 +567,25 @@ class ChunkFetcher:
         first = chunks[run[0].index]
         pack = self.manifest.packs[first.pack]
         loop = asyncio.get_running_loop()
+        # With sources (peers) a failed request is not retried here: each chunk goes back
+        # through the sources first, since another node may hold it while the origin is down.
+        retry = not self.sources
         try:
-            data = await self._read_with_retry(pack.key, first.offset, size)
+            data = await self._read_with_retry(pack.key, first.offset, size, retry=retry)
         except BaseException as exc:
             self._release(size)
+            self._origin_ok = self._origin_ok and not isinstance(exc, UnavailableError)
+            if isinstance(exc, UnavailableError) and not retry:
+                for f in run:
+                    self._retry_later(f, exc)
+                return
             for f in run:
                 self._finish(f, exc=exc if isinstance(exc, Exception) else UnavailableError("cancelled"))
             if not isinstance(exc, Exception):
                 raise
             return
         self._release(size)
+        self._origin_ok = True
         self._c.bytes_from_origin += len(data)
         # Slices of a coalesced response are views, not copies: most chunks are compressed and
         # are decompressed straight from the view (one copy less of every byte from the origin).
@@ -538,12 +609,32 @@ class ChunkFetcher:
             self._finish(f, raw)
             self._write_back(c, raw)
 
+    def _retry_later(self, flight: _Flight, exc: UnavailableError) -> None:
+        """After a failed origin request: back off, then resolve ``flight`` again (sources first)."""
+        flight.queued = False
+        if self._queue.get(flight.index) is flight:
+            del self._queue[flight.index]
+        loop = asyncio.get_running_loop()
+        delay = min(self.config.retry_initial * 2**flight.origin_failures, self.config.retry_max)
+        flight.origin_failures += 1
+        if loop.time() + delay >= flight.started + self.config.read_timeout:
+            self._finish(flight, exc=exc)
+            return
+        log.info("origin read of chunk %d failed (%s); retrying in %.2f s", flight.index, exc, delay)
+
+        async def again() -> None:
+            await asyncio.sleep(delay)
+            if not flight.future.done():
+                await self._resolve(flight)
+
+        flight.task = asyncio.create_task(again())
+
     def _release(self, size: int) -> None:
         self._active_requests -= 1
         self._inflight_bytes -= size
         self._wakeup.set()
 
-    async def _read_with_retry(self, key: str, start: int, length: int) -> bytes:
+    async def _read_with_retry(self, key: str, start: int, length: int, retry: bool = True) -> bytes:
         """One range read, retried with exponential backoff until ``read_timeout`` has passed."""
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.config.read_timeout
@@ -561,7 +652,7 @@ class ChunkFetcher:
                 raise UnavailableError(f"{key}: the origin did not answer in time") from None
             except UnavailableError as exc:
                 self._c.origin_errors += 1
-                if loop.time() + delay >= give_up:
+                if not retry or loop.time() + delay >= give_up:
                     raise
                 log.info("origin read of %s failed (%s); retrying in %.2f s", key, exc, delay)
                 await asyncio.sleep(delay)

@@ -40,6 +40,13 @@ COUNTERS = {
     "torn",
     "bytes_served",
     "requests_served",
+    "requests_sent",
+    "requests_refused",
+    "bytes_received",
+    "bad_chunks",
+    "per_peer_errors",
+    "per_peer_bad",
+    "per_peer_bytes",
 }
 
 
@@ -59,16 +66,29 @@ class StatisticsCollector(Collector):
                 continue
             for f in dataclasses.fields(stats):
                 v = getattr(stats, f.name)
-                if not isinstance(v, int | float) or isinstance(v, bool):
-                    continue
-                name = f"lazyfs_{group}_{f.name}"
-                fam: CounterMetricFamily | GaugeMetricFamily
-                if f.name in COUNTERS:
-                    fam = CounterMetricFamily(name, f"lazyfs {group} {f.name}", labels=names)
-                else:
-                    fam = GaugeMetricFamily(name, f"lazyfs {group} {f.name}", labels=names)
-                fam.add_metric(values, float(v))
-                yield fam
+                # A mapping of numbers is one family with one more label (``peer`` for
+                # ``per_peer_errors``: the key is what the field name says it is per).
+                if isinstance(v, dict):
+                    key = f.name.removeprefix("per_").split("_", 1)[0]
+                    fam = self._family(f"lazyfs_{group}_{f.name}", group, f.name, [*names, key])
+                    for k, item in sorted(v.items()):
+                        if _numeric(item):
+                            fam.add_metric([*values, str(k)], float(item))
+                    yield fam
+                elif _numeric(v):
+                    fam = self._family(f"lazyfs_{group}_{f.name}", group, f.name, names)
+                    fam.add_metric(values, float(v))
+                    yield fam
+
+    @staticmethod
+    def _family(name: str, group: str, field: str, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
+        if field in COUNTERS:
+            return CounterMetricFamily(name, f"lazyfs {group} {field}", labels=labels)
+        return GaugeMetricFamily(name, f"lazyfs {group} {field}", labels=labels)
+
+
+def _numeric(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
 
 
 def serve_metrics(addr: str, collector: StatisticsCollector) -> CollectorRegistry:

@@ -1,0 +1,161 @@
+"""PeerSource: the fetcher's peer tier — ask a chunk's home before the origin.
+
+For a chunk missing from the cache, the fetcher calls :meth:`PeerSource.fetch`.
+The live members are ranked for the chunk (rendezvous hashing); the first
+``candidates`` of them are asked in order, each with at most ``timeout``
+seconds.  A candidate fetches the chunk from the origin itself when it does
+not hold it (it is the chunk's home: everybody asks it, it fetches once), so
+the origin sees each chunk about once.  When this node is the next candidate,
+the answer is ``None`` and the fetcher goes to the origin — this node is then
+the one everyone else asks.
+
+When a candidate reports that the origin is failing (or this node's own origin
+requests are), the remaining live members are asked for cached copies only:
+with the origin down, the cluster still serves whatever any node holds.
+
+Peers are untrusted: every answer goes through the fetcher's verifier (BLAKE3
+against the manifest) before it is returned; a peer that sends bad bytes is
+marked bad (see :class:`p2p.membership.Membership`) and the next one is tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import ssl
+from typing import Protocol
+
+import aiohttp
+
+from lazyfs.config import PeerConfig
+from lazyfs.errors import IntegrityError
+from lazyfs.fetch import Priority, Verifier
+from lazyfs.manifest import Chunk
+from p2p import protocol
+from p2p.membership import Membership
+
+__all__ = ["PeerSource"]
+
+log = logging.getLogger(__name__)
+
+
+class _OriginState(Protocol):
+    @property
+    def origin_available(self) -> bool: ...
+
+
+class _Answer(enum.Enum):
+    MISS = "miss"  # the peer does not have it (404): healthy, just not a holder
+    FAILED = "failed"  # refused, reset, timed out, bad bytes: try the next one
+    ORIGIN_DOWN = "origin down"  # the peer could not reach the origin either
+
+
+class PeerSource:
+    name = "peers"
+
+    def __init__(self, config: PeerConfig, members: Membership, client_ssl: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.members = members
+        self._ssl = client_ssl
+        self._scheme = "https" if client_ssl is not None else "http"
+        self._session: aiohttp.ClientSession | None = None
+        self._origin: _OriginState | None = None
+        self.requests_sent = 0
+        self.bytes_received = 0
+        self.bad_chunks = 0
+        self.errors = 0
+
+    def attach(self, origin_state: _OriginState) -> None:
+        """Tell the source how this node's own origin requests are going (the fetcher)."""
+        self._origin = origin_state
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=self.config.max_connections, ssl=self._ssl if self._ssl else True
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                headers={"Authorization": protocol.bearer(self.config.token)},
+                auto_decompress=False,
+                skip_auto_headers=("Accept-Encoding", "User-Agent"),
+            )
+        return self._session
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def fetch(self, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier) -> bytes | None:
+        ranked = self.members.ranked(chunk.digest)
+        asked: set[str] = set()
+        origin_down = self._origin is not None and not self._origin.origin_available
+        loop = asyncio.get_running_loop()
+        for key in ranked[: self.config.candidates]:
+            if key == self.members.self_key or loop.time() >= deadline:
+                break  # this node is the one to fetch it from the origin
+            asked.add(key)
+            answer = await self._ask(key, chunk, priority, deadline, verify, cached_only=False)
+            if isinstance(answer, bytes):
+                return answer
+            origin_down = origin_down or answer is _Answer.ORIGIN_DOWN
+        if origin_down:
+            # Whoever holds it can still serve it: ask the rest for cached copies.
+            for key in ranked:
+                if key in asked or key == self.members.self_key:
+                    continue
+                if loop.time() >= deadline:
+                    break
+                answer = await self._ask(key, chunk, priority, deadline, verify, cached_only=True)
+                if isinstance(answer, bytes):
+                    return answer
+        return None
+
+    async def _ask(
+        self, key: str, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier, cached_only: bool
+    ) -> bytes | _Answer:
+        loop = asyncio.get_running_loop()
+        budget = min(deadline - loop.time(), self.config.timeout)
+        if budget <= 0:
+            return _Answer.FAILED
+        url = f"{self._scheme}://{key}{protocol.CHUNK_PATH.format(digest=chunk.digest.hex())}"
+        headers = {protocol.PRIORITY: str(int(priority)), protocol.TIMEOUT: f"{budget:.3f}"}
+        if cached_only:
+            headers[protocol.CACHED_ONLY] = "1"
+        self.requests_sent += 1
+        try:
+            async with asyncio.timeout(budget):
+                async with self._client().get(url, headers=headers) as resp:
+                    if resp.status == 404:
+                        return _Answer.MISS
+                    if resp.status == 503 and resp.headers.get(protocol.REASON) == "origin":
+                        return _Answer.ORIGIN_DOWN
+                    if resp.status != 200:
+                        return self._failed(key, f"HTTP {resp.status}")
+                    if resp.content_length is not None and resp.content_length != chunk.size:
+                        return self._failed(key, f"{resp.content_length} bytes announced for a {chunk.size}-byte chunk")
+                    body = await resp.content.readexactly(chunk.size)
+                    if await resp.content.read(1):
+                        return self._failed(key, f"more than {chunk.size} bytes for the chunk")
+        except TimeoutError:
+            return self._failed(key, f"no answer within {budget:.1f} s")
+        except asyncio.IncompleteReadError as exc:
+            return self._failed(key, f"connection closed after {len(exc.partial)} of {chunk.size} bytes")
+        except (aiohttp.ClientError, OSError) as exc:
+            return self._failed(key, f"{type(exc).__name__}: {exc}")
+        try:
+            data = await verify(chunk, body)
+        except IntegrityError as exc:
+            self.bad_chunks += 1
+            self.members.sent_bad(key, str(exc))
+            return _Answer.FAILED
+        self.bytes_received += len(data)
+        self.members.succeeded(key, len(data))
+        return data
+
+    def _failed(self, key: str, reason: str) -> _Answer:
+        self.errors += 1
+        self.members.failed(key, reason)
+        return _Answer.FAILED
