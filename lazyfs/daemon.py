@@ -71,7 +71,9 @@ PEER_TIER_GROUP = "lazyfs.peer_tier"
 class PeerTier(Protocol):
     """What the daemon needs from a peer tier: a fetcher source plus a server to start and stop."""
 
-    source: ChunkSource
+    @property
+    def source(self) -> ChunkSource:
+        """The fetcher tier (asked after the cache, before the origin)."""
 
     async def start(self, fetcher: ChunkFetcher) -> None:
         """Start serving peers (chunks come from ``fetcher``) and tracking members."""

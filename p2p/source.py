@@ -93,9 +93,19 @@ class PeerSource:
         asked: set[str] = set()
         origin_down = self._origin is not None and not self._origin.origin_available
         loop = asyncio.get_running_loop()
-        for key in ranked[: self.config.candidates]:
-            if key == self.members.self_key or loop.time() >= deadline:
-                break  # this node is the one to fetch it from the origin
+        for i, key in enumerate(ranked[: self.config.candidates]):
+            if loop.time() >= deadline:
+                break
+            if key == self.members.self_key:
+                # This node is the one to fetch it from the origin.  The next candidate was its
+                # home before this node joined (rendezvous order without us): it may hold it.
+                nxt = ranked[i + 1] if i + 1 < len(ranked) else None
+                if nxt is not None and not origin_down:
+                    answer = await self._ask(nxt, chunk, priority, deadline, verify, cached_only=True)
+                    if isinstance(answer, bytes):
+                        return answer
+                    asked.add(nxt)
+                break
             asked.add(key)
             answer = await self._ask(key, chunk, priority, deadline, verify, cached_only=False)
             if isinstance(answer, bytes):

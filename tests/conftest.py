@@ -37,12 +37,13 @@ async def file_origin(tmp_path: Path) -> AsyncIterator[FileOrigin]:
 
 @pytest.fixture(autouse=True)
 def checklogs(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
-    """Fail a test that logs an unexpected WARNING (or worse) from lazyfs.
+    """Fail a test that logs an unexpected WARNING (or worse) from lazyfs or p2p.
 
     A warning means something went wrong (a bad chunk, a broken cache); tests that
     provoke one on purpose say so with ``@pytest.mark.allow_warnings``.
     """
     caplog.set_level(logging.WARNING, logger="lazyfs")
+    caplog.set_level(logging.WARNING, logger="p2p")
     yield
     if request.node.get_closest_marker("allow_warnings"):
         return
@@ -50,7 +51,7 @@ def checklogs(request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture) 
         r
         for when in ("setup", "call")
         for r in caplog.get_records(when)
-        if r.levelno >= logging.WARNING and r.name.startswith("lazyfs")
+        if r.levelno >= logging.WARNING and r.name.startswith(("lazyfs", "p2p"))
     ]
     if bad:
         pytest.fail("unexpected warning logged: " + "; ".join(f"{r.name}: {r.getMessage()}" for r in bad[:5]))

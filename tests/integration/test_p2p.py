@@ -1,0 +1,459 @@
+"""The peer tier end to end: several nodes in one event loop, real HTTP (and TLS) between them on loopback.
+
+Each node is what a mount daemon composes: a real on-disk ChunkStore, a ChunkFetcher whose
+extra source is the node's PeerSource, and a PeerServer on its own port.  The origin is an
+in-memory origin that counts every byte it serves (its egress), wrapped in a fault injector
+where a test needs the origin down.  Hostile peers are real servers too: one that forges
+bytes, one that dies mid-transfer, one that accepts connections and never answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import blake3
+import pytest
+import trustme
+from aiohttp import web
+
+from lazyfs.config import PeerConfig, SeedConfig
+from lazyfs.daemon import PeerTierFactory
+from lazyfs.fetch import ChunkFetcher, FetchConfig
+from lazyfs.manifest import EntryType, Manifest, parse_ref
+from lazyfs.origin.base import Origin
+from lazyfs.seed import seed
+from lazyfs.store import ChunkStore
+from lazyfs.testing import FaultyOrigin, MemoryOrigin
+from p2p import PeerTier
+from p2p.protocol import CHUNK_PATH
+
+KiB = 1024
+CHUNK = 64 * KiB
+TOKEN = b"cluster-secret-for-tests"
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+async def published(tmp_path: Path) -> AsyncIterator[tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]]:
+    src = tmp_path / "src"
+    src.mkdir()
+    files = {
+        b"model.bin": os.urandom(CHUNK * 48 + 777),  # incompressible: stored raw
+        b"config.json": b'{"layers": 2}\n' * 3000,  # compressible: zstd
+        b"tiny": b"t",
+    }
+    for name, data in files.items():
+        (src / os.fsdecode(name)).write_bytes(data)
+    origin = MemoryOrigin()
+    result = await seed(src, origin, parse_ref("m:1"), SeedConfig(chunk_size=CHUNK, pack_size=8 * CHUNK))
+    origin.reset_statistics()
+    yield origin, result.manifest, files
+    await origin.aclose()
+
+
+def stored_bytes(m: Manifest) -> int:
+    return sum(c.stored_size for c in m.chunks)
+
+
+@dataclass
+class Node:
+    key: str
+    store: ChunkStore
+    fetcher: ChunkFetcher
+    tier: PeerTier
+
+    async def read_all(self, m: Manifest) -> dict[bytes, bytes]:
+        out = {}
+        for e in m.entries:
+            if e.type is EntryType.REG:
+                parts = await asyncio.gather(*(self.fetcher.get(i) for i in e.chunks))
+                out[e.path] = b"".join(parts)
+        await self.fetcher.wait_idle()  # cache writes done: tests look at the store next
+        return out
+
+    async def close(self) -> None:
+        await self.tier.aclose()
+        await self.fetcher.aclose()
+        self.store.close()
+
+
+@dataclass
+class Cluster:
+    tmp_path: Path
+    manifest: Manifest
+    nodes: list[Node] = field(default_factory=list)
+
+    async def start(
+        self,
+        origin: Origin,
+        listen: str,
+        peers: list[str],
+        *,
+        resolver: Callable[[str, int], Awaitable[list[str]]] | None = None,
+        read_timeout: float = 20.0,
+        **peer_options: Any,
+    ) -> Node:
+        store = ChunkStore.open(self.tmp_path / f"cache-{listen}", 1 << 30)
+        config = PeerConfig(token=TOKEN, listen=listen, peers=tuple(peers), **peer_options)
+        tier = PeerTier(config, store) if resolver is None else PeerTier(config, store, resolver)
+        fetcher = ChunkFetcher(
+            self.manifest, origin, store, FetchConfig(read_timeout=read_timeout), sources=[tier.source]
+        )
+        await tier.start(fetcher)
+        node = Node(listen, store, fetcher, tier)
+        self.nodes.append(node)
+        return node
+
+    async def close(self) -> None:
+        for n in self.nodes:
+            await n.close()
+        self.nodes.clear()
+
+
+@pytest.fixture
+async def cluster(
+    tmp_path: Path, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> AsyncIterator[Cluster]:
+    c = Cluster(tmp_path, published[1])
+    yield c
+    await c.close()
+
+
+def forget(node: Node, m: Manifest) -> None:
+    """Drop every chunk from the node's cache and memory, so the next read fetches again."""
+    node.store.evict(0)
+    node.fetcher._memory.clear()
+
+
+def cached_chunks_are_genuine(node: Node, m: Manifest) -> int:
+    """Every chunk in the node's cache hashes to its digest; returns how many there are."""
+    n = 0
+    for c in m.chunks:
+        data = node.store.read(c.digest)
+        if data is not None:
+            assert blake3.blake3(data).digest() == c.digest
+            n += 1
+    return n
+
+
+def test_the_tier_is_what_the_daemon_expects() -> None:
+    factory: PeerTierFactory = PeerTier  # mypy checks PeerTier against lazyfs.daemon.PeerTier
+    assert callable(factory)
+
+
+async def test_nodes_read_identical_bytes_and_the_origin_serves_each_chunk_once(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    origin, m, files = published
+    ports = [free_port() for _ in range(4)]
+    peers = [f"127.0.0.1:{p}" for p in ports]
+    nodes = [await cluster.start(origin, k, peers) for k in peers]
+    results = await asyncio.gather(*(n.read_all(m) for n in nodes))
+    for r in results:
+        assert r == files
+    # Each distinct chunk crossed the origin link once: its home fetched it, everyone else asked the home.
+    assert origin.statistics().bytes_read == stored_bytes(m)
+    distinct = len({c.digest for c in m.chunks})
+    for n in nodes:
+        st = n.tier.statistics()
+        assert st.members == 4 and st.live == 4
+        assert st.requests_served > 0 and st.bytes_served > 0, "every node is the home of some chunks"
+        assert st.bad_chunks == 0 and st.errors == 0
+        assert n.fetcher.statistics().bytes_from_peers > 0
+        assert cached_chunks_are_genuine(n, m) == distinct
+    # Homes spread evenly: each node served about 3/4 of a quarter of the model to the others.
+    served = [n.tier.statistics().bytes_served for n in nodes]
+    total = sum(f.size for f in m.chunks)
+    assert sum(served) == pytest.approx(3 * total, rel=0.05)
+    assert max(served) < 2.5 * min(served)
+
+
+async def forged_server(port: int, m: Manifest) -> web.AppRunner:
+    """A peer that knows the token and the manifest, and answers with random bytes of the right length."""
+    sizes = {c.digest.hex(): c.size for c in m.chunks}
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=os.urandom(sizes.get(request.match_info["digest"], CHUNK)))
+
+    app = web.Application()
+    app.router.add_get(CHUNK_PATH, handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+@pytest.mark.allow_warnings
+async def test_a_peer_forging_bytes_is_never_believed_and_is_marked_bad(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    origin, m, files = published
+    evil_port, a_port, b_port = free_port(), free_port(), free_port()
+    evil = await forged_server(evil_port, m)
+    try:
+        peers = [f"127.0.0.1:{p}" for p in (evil_port, a_port)]
+        a = await cluster.start(origin, f"127.0.0.1:{a_port}", peers)
+        assert await a.read_all(m) == files
+        st = a.tier.statistics()
+        evil_key = f"127.0.0.1:{evil_port}"
+        assert st.bad_chunks >= 1 and st.per_peer_bad[evil_key] == st.bad_chunks
+        assert a.tier.members.state(evil_key) == "bad"
+        assert a.fetcher.statistics().verify_failures == st.bad_chunks
+        assert cached_chunks_are_genuine(a, m) == len({c.digest for c in m.chunks})
+        # What a caches and serves onward is the real thing: b, asking a, gets genuine bytes.
+        b = await cluster.start(origin, f"127.0.0.1:{b_port}", [*peers, f"127.0.0.1:{b_port}"])
+        assert await b.read_all(m) == files
+        assert a.tier.statistics().bytes_served > 0
+    finally:
+        await evil.cleanup()
+
+
+@dataclass
+class RawPeer:
+    """A misbehaving peer on a plain asyncio server; ``close`` also ends the connections it holds."""
+
+    server: asyncio.Server | None = None
+    writers: list[asyncio.StreamWriter] = field(default_factory=list)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in self.writers:
+            w.transport.abort()
+        await self.server.wait_closed()
+        await asyncio.sleep(0)
+
+
+async def half_then_close_server(port: int) -> RawPeer:
+    """A peer that announces a whole chunk, sends half of it and drops the connection."""
+    peer = RawPeer()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer.writers.append(writer)
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % CHUNK + b"\0" * (CHUNK // 2))
+        await writer.drain()
+        writer.transport.abort()
+
+    peer.server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return peer
+
+
+async def silent_server(port: int) -> RawPeer:
+    """A peer that accepts connections and never answers."""
+    peer = RawPeer()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer.writers.append(writer)
+        with contextlib.suppress(ConnectionError):
+            await reader.read()  # until the client gives up and closes
+
+    peer.server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return peer
+
+
+@pytest.mark.parametrize("make_peer", [half_then_close_server, silent_server], ids=["dies-mid-transfer", "silent"])
+async def test_a_broken_peer_costs_at_most_one_deadline(
+    cluster: Cluster,
+    published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]],
+    make_peer: Callable[[int], Awaitable[RawPeer]],
+) -> None:
+    origin, m, files = published
+    bad_port, a_port = free_port(), free_port()
+    server = await make_peer(bad_port)
+    try:
+        bad_key = f"127.0.0.1:{bad_port}"
+        a_key = f"127.0.0.1:{a_port}"
+        a = await cluster.start(origin, a_key, [bad_key, a_key], timeout=0.5, backoff_initial=60)
+        t0 = time.monotonic()
+        assert await a.read_all(m) == files
+        elapsed = time.monotonic() - t0
+        # Chunks homed at the broken peer were asked for at once (one concurrent batch): the first
+        # answers cost one 0.5 s deadline, then the peer is skipped and the rest go to the origin.
+        assert elapsed < 0.5 + 1.5, elapsed
+        st = a.tier.statistics()
+        assert st.per_peer_errors[bad_key] >= 1
+        assert a.tier.members.state(bad_key) == "backoff"
+        assert a.tier.members.live() == [a.key]
+        # Now skipped: reading everything again from a fresh cache does not wait for it.
+        forget(a, m)
+        t0 = time.monotonic()
+        assert await a.read_all(m) == files
+        assert time.monotonic() - t0 < 0.4
+    finally:
+        await server.close()
+
+
+async def test_the_token_is_required_and_the_server_serves_only_chunks(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    origin, m, files = published
+    port = free_port()
+    node = await cluster.start(origin, f"127.0.0.1:{port}", [f"127.0.0.1:{port}"])
+    chunk = m.chunks[m.entry(b"model.bin").chunks[3]]  # type: ignore[union-attr]
+    genuine = files[b"model.bin"][3 * CHUNK : 4 * CHUNK]
+    url = f"http://127.0.0.1:{port}" + CHUNK_PATH.format(digest=chunk.digest.hex())
+    async with aiohttp.ClientSession() as http:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic " + TOKEN.decode()}):
+            async with http.get(url, headers=headers) as resp:
+                assert resp.status == 401
+                assert genuine[:64] not in await resp.read()
+        assert node.tier.statistics().requests_refused == 3
+        auth = {"Authorization": "Bearer " + TOKEN.decode()}
+        async with http.get(url, headers=auth) as resp:
+            assert resp.status == 200 and await resp.read() == genuine
+        async with http.get(url, headers={**auth, "Range": "bytes=100-199"}) as resp:
+            assert resp.status == 206 and await resp.read() == genuine[100:200]
+            assert resp.headers["Content-Range"] == f"bytes 100-199/{CHUNK}"
+        async with http.get(url, headers={**auth, "Range": f"bytes={CHUNK + 5}-"}) as resp:
+            assert resp.status == 416
+        base = f"http://127.0.0.1:{port}"
+        async with http.get(base + CHUNK_PATH.format(digest="ab" * 32), headers=auth) as resp:
+            assert resp.status == 404  # not in the manifest, not in the cache
+        for path in ("/v1/chunks/NOTHEX", "/v1/chunks/" + "a" * 63, "/", "/v1/chunks/", "/metrics"):
+            async with http.get(base + path, headers=auth) as resp:
+                assert resp.status in (400, 404), path
+        async with http.put(url, headers=auth, data=b"x") as resp:
+            assert resp.status == 405
+        async with http.get(url, headers={**auth, "X-Lazyfs-Priority": "7"}) as resp:
+            assert resp.status == 400
+
+
+async def test_members_join_and_leave_by_dns(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    """The Kubernetes pattern: one name, one address per node, the same port everywhere."""
+    origin, m, files = published
+    port = free_port()
+    ips = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]  # all loopback on Linux
+    keys = [f"{ip}:{port}" for ip in ips]
+    records = ips[:2]
+
+    async def resolver(host: str, p: int) -> list[str]:
+        assert (host, p) == ("peers.test", port)
+        return list(records)
+
+    a = await cluster.start(origin, keys[0], [], peers_dns=f"peers.test:{port}", resolver=resolver)
+    b = await cluster.start(origin, keys[1], [], peers_dns=f"peers.test:{port}", resolver=resolver)
+    for n in (a, b):
+        assert sorted(n.tier.members.members) == keys[:2]
+        assert n.tier.members.self_key == n.key
+    assert await a.read_all(m) == files
+    # c joins: once the others refresh, c is the home of about a third of the chunks.
+    records.append(ips[2])
+    c = await cluster.start(origin, keys[2], [], peers_dns=f"peers.test:{port}", resolver=resolver)
+    for n in (a, b):
+        await n.tier.members.refresh()
+        assert sorted(n.tier.members.members) == keys
+    before = origin.statistics().bytes_read
+    assert await c.read_all(m) == files
+    assert origin.statistics().bytes_read == before, "c got everything from a and b"
+    # b leaves: it stops, and the name no longer lists it.
+    await b.close()
+    cluster.nodes.remove(b)
+    records.remove(ips[1])
+    for n in (a, c):
+        await n.tier.members.refresh()
+        assert sorted(n.tier.members.members) == [keys[0], keys[2]]
+    sent = a.tier.statistics().requests_sent
+    forget(a, m)
+    assert await a.read_all(m) == files
+    assert a.tier.statistics().requests_sent > sent
+    assert a.tier.statistics().errors == 0, "nobody asked the peer that left"
+
+
+async def test_a_peer_that_dies_without_leaving_is_skipped(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    origin, m, files = published
+    ports = [free_port() for _ in range(3)]
+    keys = [f"127.0.0.1:{p}" for p in ports]
+    a, b, c = [await cluster.start(origin, k, keys) for k in keys]
+    await b.close()
+    cluster.nodes.remove(b)
+    ra, rc = await asyncio.gather(a.read_all(m), c.read_all(m))
+    assert ra == rc == files
+    for n in (a, c):
+        assert n.tier.members.state(keys[1]) == "backoff"
+    # b's chunks went to their next candidate, which fetched each once for both.
+    assert origin.statistics().bytes_read == stored_bytes(m)
+
+
+@pytest.mark.allow_warnings
+async def test_with_the_origin_down_the_cluster_serves_what_any_node_holds(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    inner, m, files = published
+    origin = FaultyOrigin(inner)
+    ports = [free_port() for _ in range(3)]
+    keys = [f"127.0.0.1:{p}" for p in ports]
+    # b alone reads everything (its list names only itself), then the origin goes down.
+    b = await cluster.start(origin, keys[1], [keys[1]])
+    assert await b.read_all(m) == files
+    origin.error_rate = 1.0
+    # a and c are fresh; for most chunks neither b nor the chunk's home has it... except b.
+    a = await cluster.start(origin, keys[0], keys, read_timeout=10.0)
+    await b.tier.members.refresh()
+    t0 = time.monotonic()
+    assert await a.read_all(m) == files
+    assert time.monotonic() - t0 < 8.0
+    assert a.fetcher.statistics().bytes_from_peers == sum(c.size for c in {c.digest: c for c in m.chunks}.values())
+
+
+async def test_peers_over_tls_with_client_certificates(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]], tmp_path: Path
+) -> None:
+    origin, m, files = published
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    paths = {"ca": tmp_path / "ca.pem", "cert": tmp_path / "cert.pem", "key": tmp_path / "key.pem"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    cert.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    cert.private_key_pem.write_to_path(str(paths["key"]))
+    keys = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    a, b = [
+        await cluster.start(
+            origin, k, keys, tls_cert=str(paths["cert"]), tls_key=str(paths["key"]), tls_ca=str(paths["ca"])
+        )
+        for k in keys
+    ]
+    ra, rb = await asyncio.gather(a.read_all(m), b.read_all(m))
+    assert ra == rb == files
+    assert origin.statistics().bytes_read == stored_bytes(m)
+    assert a.tier.statistics().bytes_served > 0 and b.tier.statistics().bytes_served > 0
+    url = f"https://{keys[0]}" + CHUNK_PATH.format(digest=m.chunks[0].digest.hex())
+    auth = {"Authorization": "Bearer " + TOKEN.decode()}
+    # Without a client certificate signed by the cluster CA the handshake fails: no data.
+    no_cert = ssl.create_default_context(cafile=str(paths["ca"]))
+    other = trustme.CA().issue_cert("127.0.0.1")
+    wrong_cert = ssl.create_default_context(cafile=str(paths["ca"]))
+    other.configure_cert(wrong_cert)
+    async with aiohttp.ClientSession() as http:
+        for ctx in (no_cert, wrong_cert):
+            with pytest.raises(aiohttp.ClientError):
+                async with http.get(url, headers=auth, ssl=ctx) as resp:
+                    await resp.read()
+        with pytest.raises(aiohttp.ClientError):
+            async with http.get(url.replace("https", "http"), headers=auth) as resp:
+                await resp.read()
+        good = ssl.create_default_context(cafile=str(paths["ca"]))
+        cert.configure_cert(good)
+        async with http.get(url, headers=auth, ssl=good) as resp:
+            assert resp.status == 200
