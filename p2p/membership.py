@@ -100,6 +100,9 @@ class Membership:
         if self._dns is not None:
             sources.append(self._dns)
         for host, port in sources:
+            if _is_ip(host):
+                self._by_source[(host, port)] = {format_key(host, port)}
+                continue
             try:
                 ips = await self.resolver(host, port)
             except OSError as exc:

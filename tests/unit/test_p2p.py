@@ -1,0 +1,191 @@
+"""p2p pieces without a network: placement, membership and health, the protocol's checks, peer flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from lazyfs.cli import _peer_config, build_parser
+from lazyfs.config import PeerConfig, parse_host_port
+from lazyfs.errors import UsageError
+from p2p.membership import Membership, format_key, is_local_ip
+from p2p.placement import rank
+from p2p.protocol import digest_from_hex, token_matches
+from p2p.tier import PeerTier
+
+DIGESTS = [os.urandom(32) for _ in range(6000)]
+
+
+def test_rank_is_deterministic_and_independent_of_order() -> None:
+    members = [f"10.0.0.{i}:7070" for i in range(8)]
+    for d in DIGESTS[:200]:
+        assert rank(members, d) == rank(list(reversed(members)), d)
+        assert sorted(rank(members, d)) == sorted(members)
+
+
+def test_homes_are_spread_evenly() -> None:
+    members = [f"10.0.0.{i}:7070" for i in range(8)]
+    homes = Counter(rank(members, d)[0] for d in DIGESTS)
+    expected = len(DIGESTS) / len(members)
+    assert set(homes) == set(members)
+    assert all(abs(n - expected) < 0.15 * expected for n in homes.values()), homes
+
+
+def test_a_member_leaving_moves_only_its_own_chunks() -> None:
+    members = [f"10.0.0.{i}:7070" for i in range(8)]
+    gone = members[3]
+    rest = [m for m in members if m != gone]
+    moved = 0
+    for d in DIGESTS:
+        before, after = rank(members, d), rank(rest, d)
+        if before[0] == gone:
+            moved += 1
+            assert after[0] == before[1], "the next candidate takes over"
+        else:
+            assert after[0] == before[0], "everybody else's chunks stay put"
+    assert moved == pytest.approx(len(DIGESTS) / 8, rel=0.15)
+
+
+def test_digest_and_token_checks() -> None:
+    d = os.urandom(32)
+    assert digest_from_hex(d.hex()) == d
+    for bad in (d.hex().upper(), d.hex()[:-1], d.hex() + "0", "../" + d.hex()[3:], "", "g" * 64):
+        assert digest_from_hex(bad) is None
+    assert token_matches("Bearer s3cret", b"s3cret")
+    for header in (None, "", "Bearer", "Bearer ", "bearer s3cret", "Bearer s3cret ", "Basic s3cret", "Bearer s3crét"):
+        assert not token_matches(header, b"s3cret")
+
+
+def test_host_port_parsing() -> None:
+    assert parse_host_port("10.0.0.1:7070") == ("10.0.0.1", 7070)
+    assert parse_host_port("[::1]:80") == ("::1", 80)
+    assert parse_host_port("peers.default.svc:7070") == ("peers.default.svc", 7070)
+    for bad in ("10.0.0.1", ":80", "host:", "host:0", "host:65536", "host:http"):
+        with pytest.raises(UsageError, match=r"HOST:PORT|port out of range"):
+            parse_host_port(bad)
+    assert format_key("::1", 80) == "[::1]:80" and format_key("10.0.0.1", 1) == "10.0.0.1:1"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def membership(clock: Clock, records: dict[str, list[str]], **kw: object) -> Membership:
+    async def resolver(host: str, port: int) -> list[str]:
+        if host not in records:
+            raise OSError(f"{host}: name not known")
+        return records[host]
+
+    config = PeerConfig(token=b"t", **kw)  # type: ignore[arg-type]
+    return Membership(config, resolver, clock)
+
+
+async def test_self_is_found_by_listen_address_and_local_ips() -> None:
+    clock = Clock()
+    records = {"peers.test": ["127.0.0.1", "192.0.2.7", "192.0.2.8"]}
+    m = membership(clock, records, listen="0.0.0.0:7070", peers_dns="peers.test:7070")
+    await m.refresh()
+    assert m.members == {"127.0.0.1:7070", "192.0.2.7:7070", "192.0.2.8:7070"}
+    assert m.self_key == "127.0.0.1:7070"  # the only one of them this host owns
+    assert is_local_ip("127.0.0.1") and not is_local_ip("192.0.2.7")
+    specific = membership(clock, records, listen="192.0.2.8:7070", peers_dns="peers.test:7070")
+    await specific.refresh()
+    assert specific.self_key == "192.0.2.8:7070"
+    asker = membership(clock, records, peers_dns="peers.test:7070")  # no --listen: never a member
+    await asker.refresh()
+    assert asker.self_key is None and len(asker.live()) == 3
+
+
+async def test_dns_changes_and_failures() -> None:
+    clock = Clock()
+    records = {"peers.test": ["10.0.0.1", "10.0.0.2"]}
+    m = membership(clock, records, peers_dns="peers.test:7070", peers=("10.0.0.9:7070",))
+    await m.refresh()
+    assert m.members == {"10.0.0.1:7070", "10.0.0.2:7070", "10.0.0.9:7070"}
+    records["peers.test"] = ["10.0.0.2", "10.0.0.3"]
+    m.failed("10.0.0.1:7070", "refused")
+    await m.refresh()
+    assert m.members == {"10.0.0.2:7070", "10.0.0.3:7070", "10.0.0.9:7070"}
+    assert "10.0.0.1:7070" not in m.health, "a member that left is forgotten"
+    del records["peers.test"]  # a DNS blip keeps the last answer
+    await m.refresh()
+    assert m.members == {"10.0.0.2:7070", "10.0.0.3:7070", "10.0.0.9:7070"}
+
+
+@pytest.mark.allow_warnings
+async def test_backoff_doubles_and_bad_peers_are_held() -> None:
+    clock = Clock()
+    m = membership(clock, {}, peers=("10.0.0.1:1", "10.0.0.2:1"), backoff_initial=1.0, backoff_max=4.0, bad_hold=60)
+    await m.refresh()
+    a, b = "10.0.0.1:1", "10.0.0.2:1"
+    waits = []
+    for _ in range(4):
+        m.failed(a, "timeout")
+        waits.append(m.health[a].skip_until - clock.now)
+    assert waits == [1.0, 2.0, 4.0, 4.0]
+    assert m.live() == [b] and m.state(a) == "backoff"
+    clock.now += 4.0
+    assert sorted(m.live()) == [a, b]
+    m.succeeded(a, 10)
+    m.failed(a, "timeout")
+    assert m.health[a].skip_until - clock.now == 1.0, "a success resets the backoff"
+    m.sent_bad(b, "digest mismatch")
+    assert m.state(b) == "bad" and b not in m.live()
+    clock.now += 59
+    assert b not in m.live()
+    clock.now += 2
+    assert b in m.live() and m.health[b].bad == 1
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    return build_parser().parse_args(["mount", "file:///o", "m:1", "/mnt", *argv])
+
+
+def test_peer_flags(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_bytes(b"  s3cret-token\n")
+    assert _peer_config(parse([])) is None
+    cfg = _peer_config(parse(["--listen", "0.0.0.0:7070", "--peers", "a:7070, b:7070,", "--peer-token-file",
+                              str(token), "--peer-timeout", "2.5"]))
+    assert cfg == PeerConfig(token=b"s3cret-token", listen="0.0.0.0:7070", peers=("a:7070", "b:7070"), timeout=2.5)
+    errors = {
+        "shared secret": ["--peers", "a:1"],
+        "is empty": ["--peers", "a:1", "--peer-token-file", str(tmp_path / "empty")],
+        "cannot read": ["--peers", "a:1", "--peer-token-file", str(tmp_path / "missing")],
+        "printable ASCII": ["--peers", "a:1", "--peer-token-file", str(tmp_path / "spaces")],
+        "--listen needs": ["--listen", "0.0.0.0:7070", "--peer-token-file", str(token)],
+        "HOST:PORT": ["--peers", "a", "--peer-token-file", str(token)],
+        "--peer-timeout": ["--peers", "a:1", "--peer-token-file", str(token), "--peer-timeout", "0"],
+        "need --peers": ["--peer-token-file", str(token)],
+    }
+    (tmp_path / "empty").write_bytes(b"\n")
+    (tmp_path / "spaces").write_bytes(b"two words")
+    for message, argv in errors.items():
+        with pytest.raises(UsageError, match=message):
+            _peer_config(parse(argv))
+
+
+def test_tier_rejects_incomplete_tls(tmp_path: Path) -> None:
+    cert = tmp_path / "cert.pem"
+    cert.write_text("x")
+    with pytest.raises(UsageError, match="needs all of"):
+        PeerTier(PeerConfig(token=b"t", peers=("a:1",), tls_cert=str(cert)), store=None)  # type: ignore[arg-type]
+    with pytest.raises(UsageError, match="no such file"):
+        PeerTier(
+            PeerConfig(token=b"t", peers=("a:1",), tls_cert=str(cert), tls_key=str(cert), tls_ca="/nonexistent"),
+            store=None,  # type: ignore[arg-type]
+        )
+    with pytest.raises(UsageError, match="cannot load"):
+        PeerTier(
+            PeerConfig(token=b"t", peers=("a:1",), listen="127.0.0.1:1", tls_cert=str(cert), tls_key=str(cert),
+                       tls_ca=str(cert)),
+            store=None,  # type: ignore[arg-type]
+        )
