@@ -16,6 +16,11 @@ command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need_apt+=(nginx-light)
 command -v ip >/dev/null || [ -x /usr/sbin/ip ] || need_apt+=(iproute2)
 command -v gcc >/dev/null || need_apt+=(gcc)
+# Container images (tests and benchmarks): a Debian root, OCI layers, conversions, a registry.
+[ -x /usr/sbin/debootstrap ] || need_apt+=(debootstrap)
+command -v umoci >/dev/null || need_apt+=(umoci)
+command -v skopeo >/dev/null || need_apt+=(skopeo)
+[ -x /usr/bin/docker-registry ] || need_apt+=(docker-registry)
 python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 [ -n "$(python3 -c 'import sysconfig;print(sysconfig.get_config_h_filename())' 2>/dev/null)" ] \
   && [ -e "$(python3 -c 'import sysconfig;print(sysconfig.get_paths()["include"])')/Python.h" ] || need_apt+=(python3-dev)
