@@ -285,6 +285,22 @@ def _warm_total(m: MountedFs, paths: list[bytes] | None) -> int:
     return sum(m.manifest.chunks[i].size for i in m.fs.chunks_of(paths))
 
 
+def _remove_stale_sockets(runtime_dir: str) -> None:
+    """Control sockets of daemons that died without cleaning up (SIGKILL, OOM) are removed."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(runtime_dir):
+            pid = name.removeprefix("lazyfs-").removesuffix(".sock")
+            if not (name.startswith("lazyfs-") and name.endswith(".sock") and pid.isdigit()):
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(runtime_dir, name))
+            except PermissionError:
+                pass  # alive, someone else's
+
+
 @contextlib.asynccontextmanager
 async def _control_server(m: MountedFs) -> AsyncIterator[None]:
     runner = web.AppRunner(_control_app(m), access_log=None)
@@ -338,6 +354,7 @@ async def run_mount(
         if peers is not None:
             await peers.start(fetcher)
         await asyncio.to_thread(Path(config.runtime_dir).mkdir, parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(_remove_stale_sockets, config.runtime_dir)
         socket_path = os.path.join(config.runtime_dir, f"lazyfs-{os.getpid()}.sock")
         holder: dict[str, MountedFs] = {}
         fs = LazyFilesystem(
