@@ -12,7 +12,7 @@ import pytest
 from lazyfs.cli import _peer_config, build_parser
 from lazyfs.config import PeerConfig, parse_host_port
 from lazyfs.errors import UsageError
-from p2p.membership import Membership, format_key, is_local_ip
+from p2p.membership import Membership, format_key, is_local_ip, system_resolver
 from p2p.placement import rank
 from p2p.protocol import digest_from_hex, token_matches
 from p2p.tier import PeerTier
@@ -189,3 +189,9 @@ def test_tier_rejects_incomplete_tls(tmp_path: Path) -> None:
                        tls_ca=str(cert)),
             store=None,  # type: ignore[arg-type]
         )
+
+
+async def test_the_system_resolver_resolves_through_the_os() -> None:
+    assert "127.0.0.1" in await system_resolver("localhost", 7070)
+    with pytest.raises(OSError):
+        await system_resolver("no-such-host.invalid", 7070)
