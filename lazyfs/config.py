@@ -84,8 +84,10 @@ class PeerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
-    # Connections per peer.
-    max_connections: int = 8
+    # Connections per peer: HTTP/1.1 carries one request at a time, and a node's read-ahead
+    # (32 chunks) may all be homed at one peer; a request queued for a connection spends its
+    # peer timeout waiting, so the pool must not be the bottleneck.
+    max_connections: int = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +107,10 @@ class MountConfig:
     origin_config: OriginConfig = OriginConfig()
     # The peer tier; None: no peers (the cache, then the origin).
     peers: PeerConfig | None = None
+    # Startup traces (lazyfs.trace): record the chunks reads need, in order, and publish them
+    # to the origin at unmount; replay the manifest's published trace when mounting.
+    record_trace: bool = False
+    replay_trace: bool = True
 
 
 def s3_config_from_env(env: Mapping[str, str], base: OriginConfig | None = None) -> OriginConfig:

@@ -195,6 +195,7 @@ class _Flight:
     # a chunk asked for by a peer is fetched from the cache or the origin, never
     # forwarded to another peer, so two nodes can never wait on each other.
     use_sources: bool = True
+    source_task: asyncio.Task[bytes | None] | None = None
     # Failed origin requests for this chunk (with sources, each failure goes back
     # through the sources: another node may hold the chunk while the origin is down).
     origin_failures: int = 0
@@ -421,8 +422,12 @@ class ChunkFetcher:
             raise UnavailableError("the filesystem is shutting down")
         flight = self._flights.get(index)
         if flight is not None:
-            if not use_sources:
+            if not use_sources and flight.use_sources:
+                # A peer asks because it takes this node for the chunk's home.  If this flight is
+                # waiting on a peer itself, stop that: two nodes must never wait on each other.
                 flight.use_sources = False
+                if flight.source_task is not None:
+                    flight.source_task.cancel()
             if priority < flight.priority:
                 flight.priority = priority  # a demand read promotes a queued read-ahead
                 if flight.queued:
@@ -469,7 +474,17 @@ class ChunkFetcher:
             for source in self.sources:
                 if not flight.use_sources:
                     break
-                data = await self._from_source(source, chunk, flight.priority)
+                ask = asyncio.create_task(self._from_source(source, chunk, flight.priority))
+                flight.source_task = ask
+                try:
+                    data = await ask
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the flight itself is cancelled (shutdown)
+                    break  # a peer asked for this chunk: stop asking peers, fetch it from the origin
+                finally:
+                    flight.source_task = None
                 if data is not None:
                     self._finish(flight, data)
                     self._write_back(chunk, data)

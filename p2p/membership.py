@@ -192,9 +192,11 @@ class Membership:
 
     def failed(self, key: str, reason: str) -> None:
         h = self._health(key)
-        h.failures += 1
         h.errors += 1
         h.last_error = reason
+        if self.clock() < h.skip_until:
+            return  # requests that were in flight together failing together are one failure
+        h.failures += 1
         backoff = min(self.config.backoff_initial * 2 ** (h.failures - 1), self.config.backoff_max)
         h.skip_until = self.clock() + backoff
         log.info("peer %s failed (%s); skipping it for %.1f s", key, reason, backoff)

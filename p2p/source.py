@@ -142,6 +142,10 @@ class PeerSource:
                         return _Answer.MISS
                     if resp.status == 503 and resp.headers.get(protocol.REASON) == "origin":
                         return _Answer.ORIGIN_DOWN
+                    if resp.status == 401:
+                        if self.members.state(key) == "ok":
+                            log.warning("peer %s refused this node's token: is --peer-token-file the same?", key)
+                        return self._failed(key, "HTTP 401 (token refused)")
                     if resp.status != 200:
                         return self._failed(key, f"HTTP {resp.status}")
                     if resp.content_length is not None and resp.content_length != chunk.size:

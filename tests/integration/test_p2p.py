@@ -34,7 +34,7 @@ from lazyfs.origin.base import Origin
 from lazyfs.seed import seed
 from lazyfs.store import ChunkStore
 from lazyfs.testing import FaultyOrigin, MemoryOrigin
-from p2p import PeerTier
+from p2p import PeerTier, rank
 from p2p.protocol import CHUNK_PATH
 
 KiB = 1024
@@ -457,3 +457,24 @@ async def test_peers_over_tls_with_client_certificates(
         cert.configure_cert(good)
         async with http.get(url, headers=auth, ssl=good) as resp:
             assert resp.status == 200
+
+
+async def test_two_peers_asking_each_other_at_once_never_wait_on_each_other(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    """A peer's request joins a fetch that is itself waiting on that peer: the fetch must stop
+    asking peers and go to the origin, or both wait until the peer timeout (a deadlock that the
+    connection limit made certain: here one connection each way)."""
+    origin, m, _ = published
+    keys = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    a, b = [await cluster.start(origin, k, keys, timeout=3.0, max_connections=1) for k in keys]
+    homed_b = [i for i, c in enumerate(m.chunks) if rank(keys, c.digest)[0] == keys[1]][:4]
+    homed_a = [i for i, c in enumerate(m.chunks) if rank(keys, c.digest)[0] == keys[0]][:4]
+    t0 = time.monotonic()
+    await asyncio.gather(
+        *(a.fetcher.get(i) for i in homed_b + homed_a), *(b.fetcher.get(i) for i in homed_a + homed_b)
+    )
+    assert time.monotonic() - t0 < 1.5
+    for n in (a, b):
+        assert n.tier.statistics().errors == 0
+        assert all(p["state"] in ("ok", "self") for p in n.tier.status()["peers"].values())

@@ -130,10 +130,13 @@ async def test_backoff_doubles_and_bad_peers_are_held() -> None:
     for _ in range(4):
         m.failed(a, "timeout")
         waits.append(m.health[a].skip_until - clock.now)
+        m.failed(a, "timeout")  # another request that was in flight: the same failure, no escalation
+        assert m.health[a].skip_until - clock.now == waits[-1]
+        assert m.live() == [b] and m.state(a) == "backoff"
+        clock.now += waits[-1]
+        assert sorted(m.live()) == [a, b]
     assert waits == [1.0, 2.0, 4.0, 4.0]
-    assert m.live() == [b] and m.state(a) == "backoff"
-    clock.now += 4.0
-    assert sorted(m.live()) == [a, b]
+    assert m.health[a].errors == 8
     m.succeeded(a, 10)
     m.failed(a, "timeout")
     assert m.health[a].skip_until - clock.now == 1.0, "a success resets the backoff"
