@@ -81,6 +81,13 @@ def _cmd_seed(args: argparse.Namespace) -> int:
         zstd_level=args.zstd_level,
         upload_concurrency=args.jobs,
     )
+    from lazyfs.image.reference import parse_image_ref
+
+    image = parse_image_ref(args.src)
+    if image is not None:
+        return _seed_image(args, image, ref, config)
+    if args.platform or args.insecure_registry:
+        raise UsageError("--platform and --insecure-registry apply to image sources (oci:, docker-archive:, docker://)")
     src = Path(args.src)
     if not os.path.lexists(src):
         raise UsageError(f"{src}: no such file or directory")
@@ -94,6 +101,56 @@ def _cmd_seed(args: argparse.Namespace) -> int:
         finally:
             await origin.aclose()
         if not args.quiet:
+            print(
+                f"published {result.files} files, {human_bytes(result.bytes_total)} "
+                f"({result.chunks_new} new chunks, {result.chunks_reused} reused; "
+                f"uploaded {human_bytes(result.bytes_uploaded)} in {result.packs_uploaded} packs, "
+                f"{result.packs_skipped} already there) in {result.seconds:.1f} s",
+                file=sys.stderr,
+            )
+        print(f"{result.ref} {result.digest}")
+        return 0
+
+    return _run(go)
+
+
+def docker_config_dir(env: Mapping[str, str]) -> str:
+    """Where registry credentials are: ``$DOCKER_CONFIG``, else ``~/.docker`` (docker's own rule)."""
+    if env.get("DOCKER_CONFIG"):
+        return env["DOCKER_CONFIG"]
+    return os.path.join(env.get("HOME") or os.path.expanduser("~"), ".docker")
+
+
+def _seed_image(args: argparse.Namespace, image: Any, ref: Any, config: SeedConfig) -> int:
+    """``lazyfs seed oci:DIR | docker-archive:FILE | docker://REG/REPO:TAG ORIGIN --name NAME:TAG``."""
+    from lazyfs.image import ImageOptions, Platform, seed_image
+
+    try:
+        platform = Platform.parse(args.platform) if args.platform else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    options = ImageOptions(
+        platform=platform,
+        docker_config_dir=docker_config_dir(os.environ),
+        insecure_registry=args.insecure_registry,
+    )
+    origin_config = origin_config_from_env(os.environ)
+
+    async def go() -> int:
+        origin = open_origin(args.origin, origin_config)
+        try:
+            pull = open_progress(f"pull {image}", quiet=args.quiet)
+            progress = open_progress(f"seed {ref}", quiet=args.quiet)
+            out = await seed_image(image, origin, ref, config, options, progress, pull)
+        finally:
+            await origin.aclose()
+        result = out.result
+        if not args.quiet:
+            print(
+                f"image {out.image.platform}, {len(out.image.layers)} layers, "
+                f"{human_bytes(out.layer_bytes)} read, flattened in {out.flatten_seconds:.1f} s",
+                file=sys.stderr,
+            )
             print(
                 f"published {result.files} files, {human_bytes(result.bytes_total)} "
                 f"({result.chunks_new} new chunks, {result.chunks_reused} reused; "
@@ -168,8 +225,15 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             f"in {len(m.chunks)} chunks of up to {human_bytes(m.chunk_size)}, "
             f"{human_bytes(m.stored_size)} stored in {len(m.packs)} packs"
         )
+        from lazyfs.image.config import CONFIG_ANNOTATION, ImageConfig
+
+        image_config = ImageConfig.from_manifest(m)
+        if image_config is not None:
+            for line in image_config.summary_lines():
+                print(line)
         for k, v in m.annotations:
-            print(f"annotation {k}: {v}")
+            if k != CONFIG_ANNOTATION:
+                print(f"annotation {k}: {v}")
         print(f"{'mode':10} {'uid':>5} {'gid':>5} {'size':>14} {'chunks':>6}  path")
         for line in format_tree(m):
             print(line)
@@ -232,6 +296,8 @@ def _mount_config(args: argparse.Namespace) -> MountConfig:
         runtime_dir=default_runtime_dir(env),
         origin_config=origin_config_from_env(env),
         peers=peers,
+        record_trace=args.record_trace,
+        replay_trace=args.replay_trace,
     )
 
 
@@ -345,6 +411,10 @@ def _mount_background(args: argparse.Namespace, config: MountConfig) -> int:
              "--allow-other" if config.allow_other else "--no-allow-other"]
     if config.metrics_addr:
         argv += ["--metrics-addr", config.metrics_addr]
+    if config.record_trace:
+        argv.append("--record-trace")
+    if not config.replay_trace:
+        argv.append("--no-trace-replay")
     argv += _peer_argv(args)
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(
@@ -445,6 +515,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             err = f", last error: {peer['last_error']}" if peer["last_error"] else ""
             print(f"    {key:<22} {peer['state']:<8} {human_bytes(peer['bytes'])} received, "
                   f"{peer['errors']} errors, {peer['bad']} bad chunks{err}")
+    if st.get("trace"):
+        from lazyfs.run import trace_summary
+
+        print(f"  trace      {trace_summary(st['trace'])}")
     for note in st.get("notes", []):
         print(f"  note       {note}")
     return 0
@@ -458,6 +532,8 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
     mp = os.path.abspath(args.mountpoint)
     sock = _control(mp, CONTROL_XATTR).decode()
     rel: list[str] | None = None
+    if args.trace and args.paths:
+        raise UsageError("prefetch --trace replays the published startup trace: give no paths with it")
     if args.paths:
         rel = []
         for p in args.paths:
@@ -472,7 +548,8 @@ def _cmd_prefetch(args: argparse.Namespace) -> int:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
         async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
             try:
-                resp = await session.post("http://lazyfs/prefetch", json={"paths": rel})
+                body: dict[str, Any] = {"trace": True} if args.trace else {"paths": rel}
+                resp = await session.post("http://lazyfs/prefetch", json=body)
             except aiohttp.ClientError as exc:
                 raise LazyfsError(f"cannot reach the daemon of {mp}: {exc}") from exc
             async with resp:
@@ -514,6 +591,111 @@ def _cmd_cache_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- run / trace --------------------------------------------------------------
+
+
+def parse_env_overrides(items: Sequence[str], env: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """``run --env``: ``NAME=VALUE``, or ``NAME`` for this environment's value (skipped when unset, like Docker)."""
+    out = []
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not name or "\0" in item:
+            raise UsageError(f"bad --env {item!r}: use NAME=VALUE (or NAME to pass on this environment's value)")
+        if not sep:
+            if name not in env:
+                continue
+            value = env[name]
+        out.append((name, value))
+    return tuple(out)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from lazyfs.errors import RunError
+    from lazyfs.run import RunConfig, run_image
+
+    env = os.environ
+    try:
+        if args.read_timeout <= 0:
+            raise UsageError("--read-timeout must be positive")
+        command = list(args.cmd)
+        if command[:1] == ["--"]:
+            command = command[1:]
+        config = RunConfig(
+            origin=args.origin,
+            ref=args.ref,
+            cache_dir=os.path.abspath(args.cache_dir or default_cache_dir(env)),
+            cache_size=parse_size(args.cache_size),
+            read_timeout=args.read_timeout,
+            command=tuple(command),
+            entrypoint=None if args.entrypoint is None else tuple(x for x in [args.entrypoint] if x),
+            env=parse_env_overrides(args.env or [], env),
+            workdir=args.workdir,
+            user=args.user,
+            writable=args.writable,
+            tmp_dir=os.path.abspath(args.tmp_dir or env.get("TMPDIR") or "/var/tmp"),
+            record_trace=args.record_trace,
+            replay_trace=args.replay_trace,
+            stats=args.stats,
+            stats_json=os.path.abspath(args.stats_json) if args.stats_json else None,
+            debug=args.debug,
+        )
+        return run_image(config)
+    except LazyfsError as exc:  # lazyfs's own failures: 125/126/127 like `docker run`, never the program's status
+        if args.debug:
+            log.exception("failed")
+        print(f"lazyfs: error: {exc}", file=sys.stderr)
+        return exc.exit_status if isinstance(exc, RunError) else 125
+
+
+def _cmd_trace_publish(args: argparse.Namespace) -> int:
+    from lazyfs.daemon import CONTROL_XATTR
+    from lazyfs.run import control_request
+
+    mp = os.path.abspath(args.mountpoint)
+    res = control_request(_control(mp, CONTROL_XATTR).decode(), "POST", "/trace/publish")
+    print(f"published a startup trace of {res['chunks']} chunks to {str(res['origin']).rstrip('/')}/{res['key']}",
+          file=sys.stderr)
+    print(res["key"])
+    return 0
+
+
+def _cmd_trace_show(args: argparse.Namespace) -> int:
+    from lazyfs.trace import load_trace, trace_key
+
+    ref = parse_ref(args.ref)
+    origin_config = origin_config_from_env(os.environ)
+
+    async def go() -> int:
+        origin = open_origin(args.origin, origin_config)
+        try:
+            digest = await resolve_ref(origin, ref)
+            _, m = await load_manifest(origin, digest)
+            trace = await load_trace(origin, digest, len(m.chunks))
+        finally:
+            await origin.aclose()
+        if trace is None:
+            raise LazyfsError(f"no startup trace is published for {ref} ({digest[:16]}) at {args.origin}")
+        where: dict[int, tuple[bytes, int]] = {}
+        want = set(trace.chunks)
+        for e in m.entries:
+            if e.type is EntryType.REG:
+                for pos, i in enumerate(e.chunks):
+                    if i in want and i not in where:
+                        where[i] = (e.path, pos * m.chunk_size)
+        size = sum(m.chunks[i].size for i in trace.chunks)
+        span = trace.times_ms[-1] / 1000 if trace.times_ms else 0.0
+        print(f"{ref}  manifest {digest}  {trace_key(digest)}")
+        print(f"{len(trace.chunks)} chunks, {human_bytes(size)} of {human_bytes(m.total_size)}, "
+              f"first needed over {span:.1f} s")
+        print(f"{'ms':>8} {'chunk':>8} {'size':>10}  path @ offset")
+        for i, t in zip(trace.chunks, trace.times_ms, strict=True):
+            path, off = where.get(i, (b"?", 0))
+            print(f"{t:>8} {i:>8} {m.chunks[i].size:>10}  {_show_path(path)} @ {off}")
+        return 0
+
+    return _run(go)
+
+
 # --- parser -------------------------------------------------------------------
 
 
@@ -523,17 +705,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("seed", help="chunk, pack and publish a directory or file")
-    s.add_argument("src", metavar="SRC", help="a directory or a single file")
+    s = sub.add_parser("seed", help="chunk, pack and publish a directory, a file or a container image")
+    s.add_argument("src", metavar="SRC",
+                   help="a directory, a single file, or an image: oci:DIR[:TAG], docker-archive:FILE, "
+                        "docker://HOST[:PORT]/REPO:TAG")
     s.add_argument("origin", metavar="ORIGIN", help="file:///dir, s3://bucket/prefix")
     s.add_argument("--name", required=True, metavar="NAME[:TAG]", help="the ref to publish (tag: latest)")
     s.add_argument("--chunk-size", default="4MiB", help="chunk size (default 4MiB)")
     s.add_argument("--zstd-level", type=int, default=SeedConfig().zstd_level, help="zstd level (default 1)")
     s.add_argument("--jobs", type=int, default=SeedConfig().upload_concurrency, help="parallel uploads")
     s.add_argument("-q", "--quiet", action="store_true", help="print only the ref and digest")
+    s.add_argument("--platform", metavar="OS/ARCH[/VARIANT]",
+                   help="image sources: which image of a multi-platform index (default linux/<this machine>)")
+    s.add_argument("--insecure-registry", action="store_true",
+                   help="docker://: allow plain http to a registry that is not on loopback")
     s.set_defaults(fn=_cmd_seed)
 
-    s = sub.add_parser("inspect", help="list a published tree")
+    s = sub.add_parser("inspect", help="list a published tree (and an image's config)")
     s.add_argument("origin", metavar="ORIGIN")
     s.add_argument("ref", metavar="REF", help="name[:tag] or name@digest")
     s.set_defaults(fn=_cmd_inspect)
@@ -550,6 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-allow-other", dest="allow_other", action="store_false")
     s.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics here")
     s.add_argument("--foreground", action="store_true", help="do not detach")
+    s.add_argument("--record-trace", action="store_true",
+                   help="record the chunks reads need, in order, and publish the trace to the origin at unmount")
+    s.add_argument("--no-trace-replay", dest="replay_trace", action="store_false",
+                   help="do not prefetch the manifest's published startup trace")
     g = s.add_argument_group("peers (share chunks with other nodes; see deploy/README.md)")
     g.add_argument("--listen", metavar="HOST:PORT", help="serve verified chunks to peers here")
     g.add_argument("--peers", metavar="H:P,...", help="the peers (every node gets the same list; may include itself)")
@@ -575,6 +767,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("prefetch", help="warm the cache with everything or the given paths")
     s.add_argument("mountpoint", metavar="MOUNTPOINT")
     s.add_argument("paths", metavar="PATH", nargs="*", help="files or directories (inside the mount)")
+    s.add_argument("--trace", action="store_true",
+                   help="replay the manifest's published startup trace (fetched again from the origin)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(fn=_cmd_prefetch)
 
@@ -588,12 +782,67 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("refs", help="list the refs published at an origin")
     s.add_argument("origin", metavar="ORIGIN")
     s.set_defaults(fn=_cmd_refs)
+
+    s = sub.add_parser("run", help="run an image's program from a lazy mount (root; chroot + the image's config)",
+                       description="Mount REF, give it a writable overlayfs root (or --read-only), bind /proc, /sys "
+                                   "and /dev in, chroot and run the image's Entrypoint + Cmd with its Env, "
+                                   "WorkingDir and User; everything is unmounted when the program exits. "
+                                   "Exit status: the program's; 125/126/127 when lazyfs cannot start it.")
+    s.add_argument("origin", metavar="ORIGIN")
+    s.add_argument("ref", metavar="REF", help="name[:tag] or name@digest")
+    s.add_argument("cmd", metavar="CMD", nargs="*", help="after --: the command, replacing the image's Cmd")
+    s.add_argument("--cache-dir", help="cache directory (default as for mount)")
+    s.add_argument("--cache-size", default="64GiB", help="cache bound (default 64GiB)")
+    s.add_argument("--read-timeout", type=float, default=30.0, help="seconds before a read fails with EIO")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--writable", dest="writable", action="store_true", default=True,
+                   help="an overlayfs root whose writes are thrown away at exit (default)")
+    g.add_argument("--read-only", dest="writable", action="store_false", help="a read-only root")
+    s.add_argument("-e", "--env", action="append", metavar="NAME[=VALUE]",
+                   help="set a variable (NAME alone: this environment's value); repeatable")
+    s.add_argument("-w", "--workdir", metavar="DIR", help="working directory (absolute), instead of WorkingDir")
+    s.add_argument("-u", "--user", metavar="USER[:GROUP]", help="name or uid, optionally :group or :gid")
+    s.add_argument("--entrypoint", metavar="PROGRAM", help="replace the image's Entrypoint (and drop its Cmd)")
+    s.add_argument("--tmp-dir", metavar="DIR", help="where the overlay's upper directory goes (default $TMPDIR "
+                                                    "or /var/tmp)")
+    s.add_argument("--record-trace", action="store_true",
+                   help="record the chunks the program reads and publish the startup trace when it exits")
+    s.add_argument("--no-trace-replay", dest="replay_trace", action="store_false",
+                   help="do not prefetch the published startup trace")
+    s.add_argument("--stats", action="store_true", help="print where the bytes came from when the program exits")
+    s.add_argument("--stats-json", metavar="FILE", help="write the mount's final status (JSON) to FILE")
+    s.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("trace", help="startup traces: publish a mount's recording, show a published trace")
+    ts = s.add_subparsers(dest="trace_command", required=True, metavar="ACTION")
+    t = ts.add_parser("publish", help="publish the trace a mount records (mount --record-trace) now")
+    t.add_argument("mountpoint", metavar="MOUNTPOINT")
+    t.set_defaults(fn=_cmd_trace_publish)
+    t = ts.add_parser("show", help="list a published trace: chunks in the order they were needed, with their files")
+    t.add_argument("origin", metavar="ORIGIN")
+    t.add_argument("ref", metavar="REF", help="name[:tag] or name@digest")
+    t.set_defaults(fn=_cmd_trace_show)
     return p
+
+
+def _split_run_command(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """``lazyfs run ... -- CMD...``: everything after the first ``--`` is the program's command line, as is.
+
+    (argparse would take the CMD positional as empty when options follow ORIGIN REF.)
+    """
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first == "run" and "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1 :]
+    return argv, None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    head, run_command = _split_run_command(list(sys.argv[1:] if argv is None else argv))
+    args = parser.parse_args(head)
+    if run_command is not None:
+        args.cmd = [*args.cmd, *run_command]
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="lazyfs: %(levelname)s: %(message)s",

@@ -1,7 +1,13 @@
 """The mount daemon: the composition root.
 
 ``config -> origin -> store -> manifest -> fetcher -> fs -> FUSE mount``, plus
-the control socket (status, prefetch) and the optional Prometheus exporter.
+the control socket (status, prefetch, read plans, startup traces) and the
+optional Prometheus exporter.
+
+Startup traces (:mod:`lazyfs.trace`): every mount fetches the manifest's
+published trace in the background and prefetches its chunks in order; with
+``record_trace`` the daemon records which chunks reads need and publishes the
+trace to the origin at unmount (or when asked on the control socket).
 
 Manifest resolution works offline when it can: the ref's last known digest and
 every verified manifest are kept in the cache directory, so a remount with
@@ -46,6 +52,7 @@ from lazyfs.metrics import StatisticsCollector, serve_metrics
 from lazyfs.origin import open_origin
 from lazyfs.origin.base import Origin
 from lazyfs.store import ChunkStore
+from lazyfs.trace import StartupTraces
 
 __all__ = [
     "CONTROL_XATTR",
@@ -156,6 +163,7 @@ class MountedFs:
     peers: PeerTier | None = None
     started: float = dataclasses.field(default_factory=time.time)
     notes: list[str] = dataclasses.field(default_factory=list)
+    traces: StartupTraces | None = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -171,6 +179,7 @@ class MountedFs:
             "fetch": dataclasses.asdict(self.fetcher.statistics()),
             "cache": dataclasses.asdict(self.store.statistics()),
             "peers": None if self.peers is None else self.peers.status(),
+            "trace": None if self.traces is None else self.traces.status(),
             "notes": self.notes,
         }
 
@@ -185,8 +194,13 @@ def _control_app(m: MountedFs) -> web.Application:
             paths = body.get("paths")
             if paths is not None and not (isinstance(paths, list) and all(isinstance(p, str) for p in paths)):
                 raise ValueError("paths must be a list of strings")
-        except (ValueError, json.JSONDecodeError) as exc:
+            use_trace = body.get("trace", False) is True
+            if use_trace and paths:
+                raise ValueError("give paths or trace, not both")
+        except (ValueError, AttributeError, json.JSONDecodeError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
+        if use_trace:
+            return await _prefetch_trace(m, request)
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         done = 0
@@ -236,6 +250,8 @@ def _control_app(m: MountedFs) -> web.Application:
             a, b = max(a, 0), min(b, entry.size)
             for k in range(a // cs, (b - 1) // cs + 1 if b > a else a // cs):
                 order.setdefault(k)
+        if m.fs.on_read is not None:
+            m.fs.on_read([entry.chunks[k] for k in order])
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
         await resp.write(json.dumps({"chunk_size": cs}).encode() + b"\n")
@@ -274,11 +290,66 @@ def _control_app(m: MountedFs) -> web.Application:
                 t.cancel()
         return resp
 
+    async def manifest(request: web.Request) -> web.Response:
+        """What is mounted: the ref, the manifest digest and its annotations (an image's config)."""
+        return web.json_response(
+            {"ref": str(m.ref), "digest": m.digest, "origin": m.origin.url, "annotations": dict(m.manifest.annotations)}
+        )
+
+    async def trace_publish(request: web.Request) -> web.Response:
+        """Stop recording and publish the startup trace to the origin now."""
+        if m.traces is None:
+            return web.json_response({"error": "this mount has no trace"}, status=409)
+        try:
+            key, n = await m.traces.publish()
+        except UsageError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        except LazyfsError as exc:
+            return web.json_response({"error": f"could not publish to {m.origin.url}: {exc}"}, status=502)
+        return web.json_response({"key": key, "chunks": n, "origin": m.origin.url})
+
     app = web.Application()
     app.router.add_get("/status", status)
+    app.router.add_get("/manifest", manifest)
     app.router.add_post("/prefetch", prefetch)
     app.router.add_post("/plan", plan)
+    app.router.add_post("/trace/publish", trace_publish)
     return app
+
+
+async def _prefetch_trace(m: MountedFs, request: web.Request) -> web.StreamResponse:
+    """``/prefetch`` with ``{"trace": true}``: fetch the published trace again and replay it, with progress."""
+    traces = m.traces
+    assert traces is not None
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+    done = 0
+
+    def on_chunk(n: int) -> None:
+        nonlocal done
+        done += n
+
+    try:
+        trace = await traces.load()
+        if trace is None:
+            raise UsageError(
+                f"no startup trace is published for this manifest at {m.origin.url} "
+                "(record one with `lazyfs mount --record-trace` or `lazyfs run --record-trace`)"
+            )
+        total = sum(m.manifest.chunks[i].size for i in trace.chunks)
+        await resp.write(json.dumps({"total": total, "done": 0, "chunks": len(trace.chunks)}).encode() + b"\n")
+        task = asyncio.create_task(traces.replay(trace, on_chunk))
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=0.5)
+                await resp.write(json.dumps({"total": total, "done": done}).encode() + b"\n")
+        finally:
+            task.cancel()  # the client went away: stop replaying
+        task.result()
+        await resp.write(json.dumps({"total": total, "done": done, "ok": True}).encode() + b"\n")
+    except LazyfsError as exc:
+        await resp.write(json.dumps({"error": str(exc)}).encode() + b"\n")
+    return resp
 
 
 def _warm_total(m: MountedFs, paths: list[bytes] | None) -> int:
@@ -340,7 +411,13 @@ async def run_mount(
     origin = open_origin(config.origin, config.origin_config)
     fetcher: ChunkFetcher | None = None
     peers: PeerTier | None = None
+    traces: StartupTraces | None = None
     try:
+        if config.record_trace and not origin.writable:
+            raise UsageError(
+                f"--record-trace publishes the trace to the origin, but {origin.url} is read-only; "
+                "record from a writable origin (file:// or s3://) holding the same published tree"
+            )
         digest, manifest = await open_manifest(origin, ref, store)
         if config.peers is not None and peer_tier is not None:
             peers = peer_tier(config.peers, store)
@@ -357,6 +434,7 @@ async def run_mount(
         await asyncio.to_thread(_remove_stale_sockets, config.runtime_dir)
         socket_path = os.path.join(config.runtime_dir, f"lazyfs-{os.getpid()}.sock")
         holder: dict[str, MountedFs] = {}
+        traces = StartupTraces(digest, manifest, origin, fetcher, store.contains, record=config.record_trace)
         fs = LazyFilesystem(
             manifest,
             fetcher,
@@ -364,8 +442,9 @@ async def run_mount(
                 CONTROL_XATTR: lambda: socket_path.encode(),
                 STATUS_XATTR: lambda: json.dumps(holder["m"].status()).encode(),
             },
+            on_read=traces.on_read,
         )
-        m = MountedFs(config, ref, digest, manifest, origin, store, fetcher, fs, socket_path, peers)
+        m = MountedFs(config, ref, digest, manifest, origin, store, fetcher, fs, socket_path, peers, traces=traces)
         holder["m"] = m
         if config.metrics_addr:
             groups: dict[str, Callable[[], Any]] = {"fetch": fetcher.statistics, "cache": store.statistics}
@@ -376,6 +455,9 @@ async def run_mount(
                 serve_metrics(config.metrics_addr, collector)
             except (OSError, ValueError) as exc:
                 raise UsageError(f"cannot serve metrics on {config.metrics_addr}: {exc}") from exc
+        if config.replay_trace:
+            # Started before the mount so the trace's one small read overlaps the mount itself.
+            traces.start_replay_nowait()
         fuse.mount(fs, mountpoint, allow_other=config.allow_other, fsname=f"lazyfs:{ref}")
         try:
             async with _control_server(m):
@@ -392,6 +474,8 @@ async def run_mount(
         finally:
             fuse.close(unmount=True)
     finally:
+        if traces is not None:
+            await traces.aclose()  # publishes a recording not published yet
         if peers is not None:
             await peers.aclose()
         if fetcher is not None:

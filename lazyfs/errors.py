@@ -20,7 +20,9 @@ exceptions with ``raise X(...) from exc`` so the cause stays visible in logs.
     ├── CacheError (EIO)               the local cache is unusable
     ├── SeedError (EIO)                a source tree that cannot be published
     ├── FilesystemError (any errno)    a filesystem operation refused (ENOENT, EROFS, ...)
-    └── DeadlineError (EIO)            a read could not be served in time
+    ├── DeadlineError (EIO)            a read could not be served in time
+    ├── TraceError (EIO)               a startup trace that fails validation
+    └── RunError (EIO)                 `lazyfs run` could not start or set up the program
 
 """
 
@@ -40,7 +42,9 @@ __all__ = [
     "NotFoundError",
     "OriginError",
     "ReadOnlyError",
+    "RunError",
     "SeedError",
+    "TraceError",
     "UnavailableError",
     "UsageError",
 ]
@@ -114,3 +118,16 @@ class FilesystemError(LazyfsError):
     def __init__(self, errno: int, message: str = "") -> None:
         super().__init__(message or _errno.errorcode.get(errno, str(errno)))
         self.errno = errno
+
+
+class TraceError(LazyfsError):
+    """A startup trace (``traces/<digest>``) that is malformed, too large, or not for this manifest."""
+
+
+class RunError(LazyfsError):
+    """``lazyfs run`` failed before or around the program; ``exit_status`` follows ``docker run``:
+    125 for lazyfs's own errors, 126 when the command cannot be executed, 127 when it is not found."""
+
+    def __init__(self, message: str, exit_status: int = 125) -> None:
+        super().__init__(message)
+        self.exit_status = exit_status

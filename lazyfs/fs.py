@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from lazyfs.errors import FilesystemError, LazyfsError
@@ -94,11 +94,14 @@ class LazyFilesystem:
         fetcher: ChunkFetcher,
         readahead: ReadAheadConfig = ReadAheadConfig(),
         control_xattrs: dict[bytes, Callable[[], bytes]] | None = None,
+        on_read: Callable[[Sequence[int]], None] | None = None,
     ) -> None:
         self.manifest = manifest
         self.fetcher = fetcher
         self.readahead_config = readahead
         self.control_xattrs = control_xattrs or {}
+        # Told the chunk indices of every read before they are fetched (startup traces).
+        self.on_read = on_read
         self._entries: list[Entry] = []  # ino - 1 -> the entry holding the inode's data
         self._ino_of_path: dict[bytes, int] = {}
         self._nlink: list[int] = []
@@ -236,6 +239,9 @@ class LazyFilesystem:
         if offset >= e.size or length <= 0:
             return b""
         end = min(offset + length, e.size)
+        if self.on_read is not None:
+            cs = self.manifest.chunk_size
+            self.on_read(e.chunks[offset // cs : (end - 1) // cs + 1])
         h.readahead.on_read(offset, end - offset)
         return await self.read_range(e, offset, end, Priority.DEMAND)
 

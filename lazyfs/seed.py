@@ -67,6 +67,7 @@ class SourceFile:
     path: bytes  # manifest path
     source: str  # filesystem path to read
     size: int
+    offset: int = 0  # where the bytes start in ``source`` (image layers spool small files into shared segments)
 
 
 @dataclass(frozen=True)
@@ -299,7 +300,7 @@ class _Chunker:
         view = self._buffer(job.length)
         try:
             with open(job.file.source, "rb", buffering=0) as f:
-                n = os.preadv(f.fileno(), [view], job.offset)
+                n = os.preadv(f.fileno(), [view], job.file.offset + job.offset)
         except OSError as exc:
             raise SeedError(f"cannot read {_show(job.file.source)}: {exc.strerror}") from exc
         if n != job.length:

@@ -23,6 +23,7 @@ Every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -468,3 +469,195 @@ def mounter(tmp_path: Path, origins: Origins) -> Iterator[Mounter]:
     finally:
         m.cleanup()
     m.check_logs()
+
+
+# --- a runnable image (lazyfs run, startup traces) -------------------------------------------------
+
+IMAGE_CONFIG = "org.opencontainers.image.config"
+# Small chunks: a Python start then needs a few dozen of them, so traces have something to show.
+IMAGE_CHUNK = 256 * KiB
+IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# What `lazyfs run` is given a generous while for: a daemon start, the program, the cleanup.
+RUN_TIMEOUT = 180.0
+
+
+@dataclass
+class ImageRef:
+    ref: str
+    digest: str
+    manifest: Manifest
+
+
+@dataclass
+class Image:
+    """A minimal Debian root with python3 (tools/rootfs.py, cached in /var/tmp) published once.
+
+    :meth:`variant` publishes the same tree again under a new ref with another image config:
+    only a new manifest (no chunk data), and a digest of its own, so the traces one test
+    records never reach another test's mounts.
+    """
+
+    root: Path  # the unpacked root: read by tests, never written
+    origin_dir: Path
+    base: Manifest
+    _n: int = 0
+
+    @property
+    def file_url(self) -> str:
+        return f"file://{self.origin_dir}"
+
+    def variant(self, config: dict[str, Any] | None, name: str = "img") -> ImageRef:
+        from lazyfs.manifest import digest_of, encode
+
+        self._n += 1
+        annotations = {"org.lazyfs.test.variant": f"{name}-{self._n}-{time.monotonic_ns()}"}
+        if config is not None:
+            annotations[IMAGE_CONFIG] = json.dumps(config)
+        m = dataclasses.replace(self.base, annotations=tuple(sorted(annotations.items())))
+        data = encode(m)
+        digest = digest_of(data)
+        (self.origin_dir / "manifests" / digest).write_bytes(data)
+        tag = f"v{self._n}"
+        (self.origin_dir / "refs" / name).mkdir(parents=True, exist_ok=True)
+        (self.origin_dir / "refs" / name / tag).write_text(digest + "\n")
+        return ImageRef(f"{name}:{tag}", digest, m)
+
+
+def image_config(**conf: Any) -> dict[str, Any]:
+    """An OCI image config object with ``conf`` as its ``config`` (Env defaults to PATH + LANG)."""
+    conf.setdefault("Env", [f"PATH={IMAGE_PATH}", "LANG=C.UTF-8"])
+    return {"architecture": "amd64", "os": "linux", "config": conf}
+
+
+@pytest.fixture(scope="session")
+def debian_image(tmp_path_factory: pytest.TempPathFactory) -> Image:
+    import asyncio
+
+    from lazyfs.config import OriginConfig, SeedConfig
+    from lazyfs.manifest import ManifestBuilder, parse_ref
+    from lazyfs.origin import open_origin
+    from lazyfs.seed import publish as publish_tree
+    from lazyfs.seed import scan_tree
+    from tools.rootfs import RootfsError, build_root
+
+    try:
+        root = build_root(["python3-minimal"])
+    except RootfsError as exc:
+        pytest.fail(f"cannot build the Debian test root: {exc}")
+    origin_dir = tmp_path_factory.mktemp("image") / "origin"
+
+    async def go() -> Manifest:
+        config = SeedConfig(chunk_size=IMAGE_CHUNK)
+        builder = ManifestBuilder(config.chunk_size)
+        files = scan_tree(root, builder)
+        origin = open_origin(f"file://{origin_dir}", OriginConfig())
+        try:
+            res = await publish_tree(origin, builder, files, parse_ref("debian:base"), config)
+        finally:
+            await origin.aclose()
+        return res.manifest
+
+    return Image(root, origin_dir, asyncio.run(go()))
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    want = os.fsencode(text)
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if want in cmdline and pid_alive(int(name)):
+            out.append(int(name))
+    return out
+
+
+def host_mounts_under(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or under ``path`` in the test's (the host's) mount namespace."""
+    prefix = os.path.abspath(path)
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            mp = os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), line.split()[4]))
+            if mp == prefix or mp.startswith(prefix + "/"):
+                out.append(mp)
+    return out
+
+
+@dataclass
+class Runner:
+    """Runs ``lazyfs run`` (in a session of its own); checks that each run leaves nothing behind,
+    and at teardown kills whatever a failed test left by its pid."""
+
+    base: Path
+    _n: int = 0
+
+    def paths(self, cache: Path | None = None) -> tuple[Path, Path]:
+        self._n += 1
+        tmp = self.base / f"run{self._n}"
+        tmp.mkdir(parents=True)
+        return tmp, cache or self.base / f"cache{self._n}"
+
+    def start(
+        self, origin: str, ref: str, *args: str | os.PathLike[str], cache: Path | None = None, stdin: int | None = None
+    ) -> tuple[subprocess.Popen[str], Path]:
+        tmp, cache_dir = self.paths(cache)
+        argv = [*LAZYFS, "run", origin, ref, "--cache-dir", os.fspath(cache_dir), "--tmp-dir", os.fspath(tmp),
+                *(os.fspath(a) for a in args)]  # fmt: skip
+        proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL if stdin is None else stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="surrogateescape",
+            start_new_session=True,
+            cwd="/",
+        )
+        return proc, tmp
+
+    def __call__(
+        self,
+        origin: str,
+        ref: str,
+        *args: str | os.PathLike[str],
+        cache: Path | None = None,
+        timeout: float = RUN_TIMEOUT,
+    ) -> subprocess.CompletedProcess[str]:
+        proc, tmp = self.start(origin, ref, *args, cache=cache)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            pytest.fail(f"`lazyfs run {ref} {args}` did not finish within {timeout:g} s:\n{err}")
+        self.assert_clean(tmp)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def assert_clean(self, tmp: Path) -> None:
+        """No daemon left for this run, nothing mounted under its directory, the directory empty."""
+        wait_until(lambda: not _pids_mentioning(os.fspath(tmp)), 30, f"the processes of the run in {tmp} to exit")
+        assert host_mounts_under(tmp) == []
+        assert os.listdir(tmp) == [], f"lazyfs run left {os.listdir(tmp)} in {tmp}"
+
+    def cleanup(self) -> None:
+        for pid in _pids_mentioning(os.fspath(self.base)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for mp in host_mounts_under(self.base):
+            force_unmount(mp)
+
+
+@pytest.fixture
+def runner(tmp_path: Path) -> Iterator[Runner]:
+    r = Runner(tmp_path / "runs")
+    r.base.mkdir()
+    try:
+        yield r
+    finally:
+        r.cleanup()
