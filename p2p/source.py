@@ -39,6 +39,8 @@ __all__ = ["PeerSource"]
 
 log = logging.getLogger(__name__)
 
+READAHEAD_TIMEOUTS = 3
+
 
 class _OriginState(Protocol):
     @property
@@ -127,7 +129,12 @@ class PeerSource:
         self, key: str, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier, cached_only: bool
     ) -> bytes | _Answer:
         loop = asyncio.get_running_loop()
-        budget = min(deadline - loop.time(), self.config.timeout)
+        # A blocked reader's request gets one peer timeout.  A read-ahead request gets three: the
+        # home may be working through a queue of them (its own origin fetches, at link rate), and
+        # giving up early only fetches the chunk from the origin twice.  A dead peer still costs
+        # one timeout: the first failure backs it off for every chunk.
+        allowance = self.config.timeout * (1 if priority is Priority.DEMAND else READAHEAD_TIMEOUTS)
+        budget = min(deadline - loop.time(), allowance)
         if budget <= 0:
             return _Answer.FAILED
         url = f"{self._scheme}://{key}{protocol.CHUNK_PATH.format(digest=chunk.digest.hex())}"
