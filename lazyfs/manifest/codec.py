@@ -139,6 +139,11 @@ def decode(data: bytes, limits: Limits = LIMITS) -> Manifest:
     return m
 
 
+_ETYPE_MIN, _ETYPE_MAX = min(EntryType), max(EntryType)
+_ETYPES = {int(t): t for t in EntryType}
+_CODEC_MAX = max(Codec)
+
+
 class _Validator:
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
@@ -243,21 +248,40 @@ class _Validator:
         next_pack = 0  # packs must appear in first-reference order
         for i, c in enumerate(items):
             what = f"chunks[{i}]"
-            d, size, pack, offset, stored, codec = self._list(c, what, 6)
-            d = self._digest(d, f"{what}.digest")
+            if type(c) is not list or len(c) != 6:
+                self._list(c, what, 6)
+            d, size, pack, offset, stored, codec = c
+            # One expression for the common case; the per-field checks (and their messages) only
+            # for a bad chunk.
+            if not (
+                type(d) is bytes
+                and len(d) == DIGEST_SIZE
+                and type(size) is int
+                and 1 <= size <= chunk_size
+                and type(pack) is int
+                and 0 <= pack < len(packs)
+                and type(offset) is int
+                and 0 <= offset <= packs[pack].size
+                and type(stored) is int
+                and 1 <= stored <= size
+                and type(codec) is int
+                and 0 <= codec <= _CODEC_MAX
+            ):
+                d = self._digest(d, f"{what}.digest")
+                size = self._int(size, f"{what}.size", 1, chunk_size)
+                pack = self._int(pack, f"{what}.pack", 0, len(packs) - 1)
+                offset = self._int(offset, f"{what}.offset", 0, packs[pack].size)
+                stored = self._int(stored, f"{what}.stored_size", 1, size)
+                codec = self._int(codec, f"{what}.codec", 0, _CODEC_MAX)
             if d in seen:
                 raise ManifestError(f"{what}: duplicate chunk {d.hex()}")
             seen.add(d)
-            size = self._int(size, f"{what}.size", 1, chunk_size)
-            pack = self._int(pack, f"{what}.pack", 0, len(packs) - 1)
             if pack > next_pack:
                 raise ManifestError(f"{what}: pack table is not in first-reference order")
             next_pack = max(next_pack, pack + 1)
-            offset = self._int(offset, f"{what}.offset", 0, packs[pack].size)
-            stored = self._int(stored, f"{what}.stored_size", 1, size)
             if offset + stored > packs[pack].size:
                 raise ManifestError(f"{what}: bytes {offset}+{stored} run past the end of pack {pack}")
-            codec_v = self._int(codec, f"{what}.codec", 0, max(Codec))
+            codec_v = codec
             if codec_v == Codec.NONE and stored != size:
                 raise ManifestError(f"{what}: an uncompressed chunk must be stored at its raw size")
             out.append(Chunk(d, size, pack, offset, stored, Codec(codec_v)))
@@ -296,8 +320,8 @@ class _Validator:
             (path, etype, mode, uid, gid, mtime, size, target, rdev, xattrs, echunks) = fields
             path = self._path(path, f"{what}.path")
             what = f"entry {path!r}"
-            etype_v = self._int(etype, f"{what}: type", min(EntryType), max(EntryType))
-            et = EntryType(etype_v)
+            etype_v = self._int(etype, f"{what}: type", _ETYPE_MIN, _ETYPE_MAX)
+            et = _ETYPES[etype_v]
             if i == 0 and (path != b"" or et is not EntryType.DIR):
                 raise ManifestError("entries: the first entry must be the root directory")
             key = tree_key(path)
@@ -309,16 +333,39 @@ class _Validator:
                 if types.get(parent) is not EntryType.DIR:
                     raise ManifestError(f"{what}: its parent is not a directory in the manifest")
             types[path] = et
-            mode = self._int(mode, f"{what}: mode", 0, 0o7777)
-            uid = self._int(uid, f"{what}: uid", 0, L.max_id)
-            gid = self._int(gid, f"{what}: gid", 0, L.max_id)
-            mtime = self._int(mtime, f"{what}: mtime", *L.mtime_range)
-            size = self._int(size, f"{what}: size", 0, L.max_file_size)
-            target = self._bytes(target, f"{what}: target", L.max_path)
-            rdev = self._int(rdev, f"{what}: rdev", 0, L.max_rdev)
+            # The common case is checked in one expression; only a bad entry pays for the
+            # per-field checks that name what is wrong (a 30k-entry image manifest decoded in
+            # 2.6 s with per-field messages built for every field, most of it f-strings).
+            if not (
+                type(mode) is int
+                and 0 <= mode <= 0o7777
+                and type(uid) is int
+                and 0 <= uid <= L.max_id
+                and type(gid) is int
+                and 0 <= gid <= L.max_id
+                and type(mtime) is int
+                and L.mtime_range[0] <= mtime <= L.mtime_range[1]
+                and type(size) is int
+                and 0 <= size <= L.max_file_size
+                and type(target) is bytes
+                and len(target) <= L.max_path
+                and type(rdev) is int
+                and 0 <= rdev <= L.max_rdev
+            ):
+                mode = self._int(mode, f"{what}: mode", 0, 0o7777)
+                uid = self._int(uid, f"{what}: uid", 0, L.max_id)
+                gid = self._int(gid, f"{what}: gid", 0, L.max_id)
+                mtime = self._int(mtime, f"{what}: mtime", *L.mtime_range)
+                size = self._int(size, f"{what}: size", 0, L.max_file_size)
+                target = self._bytes(target, f"{what}: target", L.max_path)
+                rdev = self._int(rdev, f"{what}: rdev", 0, L.max_rdev)
             xa = self._xattrs(xattrs, what)
             indices = self._list(echunks, what)
-            idx = [self._int(c, f"{what}: chunk index", 0, len(chunks) - 1) for c in indices]
+            last = len(chunks) - 1
+            if all(type(c) is int and 0 <= c <= last for c in indices):
+                idx = indices
+            else:
+                idx = [self._int(c, f"{what}: chunk index", 0, last) for c in indices]
             for c in idx:
                 if c > next_chunk:
                     raise ManifestError(f"{what}: chunk table is not in first-reference order")
