@@ -294,6 +294,17 @@ class _Validator:
         p = self._bytes(v, what, L.max_path)
         if p == b"":
             return p
+        # Fast path for the common case: no NUL, no empty/'.'/'..' component, short enough that
+        # no component can be over the name limit.  Anything else gets the component walk below.
+        q = b"/" + p + b"/"
+        if (
+            len(p) <= L.max_name
+            and b"\0" not in p
+            and b"//" not in q
+            and b"/./" not in q
+            and b"/../" not in q
+        ):
+            return p
         for comp in p.split(b"/"):
             if comp in (b"", b".", b".."):
                 raise ManifestError(f"{what}: {p!r} has an empty, '.' or '..' component (escapes the root)")
