@@ -58,7 +58,7 @@ from typing import Any
 
 from lazyfs.errors import RunError
 from lazyfs.fs import CONTROL_XATTR_PREFIX
-from lazyfs.manifest import parse_ref
+from lazyfs.manifest import IMAGE_CONFIG_ANNOTATION, parse_ref
 
 __all__ = [
     "DEFAULT_PATH",
@@ -78,7 +78,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-IMAGE_CONFIG_ANNOTATION = "org.opencontainers.image.config"
 # Docker's PATH for images that set none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _CONTROL_XATTR = (CONTROL_XATTR_PREFIX + b"control").decode()

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, Protocol
 from lazyfs.errors import IntegrityError, SeedError
 from lazyfs.image.layers import check_digest, show
 from lazyfs.image.source import ImageOptions, LayerRef, Platform, Readable, ResolvedImage, host_platform
+from lazyfs.manifest import IMAGE_CONFIG_ANNOTATION
 
 __all__ = [
     "CONFIG_ANNOTATION",
@@ -60,7 +61,7 @@ _SCHEMA1 = (
 REF_NAME = "org.opencontainers.image.ref.name"
 # The manifest annotation holding the image config (canonical JSON): what `lazyfs inspect`
 # shows and what `lazyfs run` starts.
-CONFIG_ANNOTATION = "org.opencontainers.image.config"
+CONFIG_ANNOTATION = IMAGE_CONFIG_ANNOTATION
 # How deep an index may nest other indexes before we call it a loop.
 _MAX_INDEX_DEPTH = 4
 # The manifest format bounds one annotation value at 1 MiB.

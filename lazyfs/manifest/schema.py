@@ -30,6 +30,7 @@ from lazyfs.errors import UsageError
 __all__ = [
     "DIGEST_SIZE",
     "FORMAT_VERSION",
+    "IMAGE_CONFIG_ANNOTATION",
     "Chunk",
     "Codec",
     "Entry",
@@ -42,6 +43,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# The annotation holding a container image's config JSON (entrypoint, cmd, env, ...): written by
+# ``lazyfs seed`` for images, shown by ``inspect``, applied by ``lazyfs run``.
+IMAGE_CONFIG_ANNOTATION = "org.opencontainers.image.config"
 # BLAKE3-256: peers and origins are untrusted, so identity must be cryptographic.
 DIGEST_SIZE = 32
 
