@@ -35,7 +35,7 @@ from lazyfs.errors import LazyfsError, UsageError
 from lazyfs.manifest import EntryType, Manifest, parse_ref
 from lazyfs.origin import open_origin
 from lazyfs.progress import human_bytes, open_progress
-from lazyfs.seed import seed
+from lazyfs.seed import SeedResult, seed
 
 __all__ = ["main", "origin_config_from_env", "parse_size"]
 
@@ -100,18 +100,23 @@ def _cmd_seed(args: argparse.Namespace) -> int:
             result = await seed(src, origin, ref, config, progress)
         finally:
             await origin.aclose()
-        if not args.quiet:
-            print(
-                f"published {result.files} files, {human_bytes(result.bytes_total)} "
-                f"({result.chunks_new} new chunks, {result.chunks_reused} reused; "
-                f"uploaded {human_bytes(result.bytes_uploaded)} in {result.packs_uploaded} packs, "
-                f"{result.packs_skipped} already there) in {result.seconds:.1f} s",
-                file=sys.stderr,
-            )
-        print(f"{result.ref} {result.digest}")
+        _report_seed(result, args.quiet)
         return 0
 
     return _run(go)
+
+
+def _report_seed(result: SeedResult, quiet: bool) -> None:
+    """The summary on stderr (unless quiet), then ``NAME:TAG DIGEST`` on stdout."""
+    if not quiet:
+        print(
+            f"published {result.files} files, {human_bytes(result.bytes_total)} "
+            f"({result.chunks_new} new chunks, {result.chunks_reused} reused; "
+            f"uploaded {human_bytes(result.bytes_uploaded)} in {result.packs_uploaded} packs, "
+            f"{result.packs_skipped} already there) in {result.seconds:.1f} s",
+            file=sys.stderr,
+        )
+    print(f"{result.ref} {result.digest}")
 
 
 def docker_config_dir(env: Mapping[str, str]) -> str:
@@ -151,14 +156,7 @@ def _seed_image(args: argparse.Namespace, image: Any, ref: Any, config: SeedConf
                 f"{human_bytes(out.layer_bytes)} read, flattened in {out.flatten_seconds:.1f} s",
                 file=sys.stderr,
             )
-            print(
-                f"published {result.files} files, {human_bytes(result.bytes_total)} "
-                f"({result.chunks_new} new chunks, {result.chunks_reused} reused; "
-                f"uploaded {human_bytes(result.bytes_uploaded)} in {result.packs_uploaded} packs, "
-                f"{result.packs_skipped} already there) in {result.seconds:.1f} s",
-                file=sys.stderr,
-            )
-        print(f"{result.ref} {result.digest}")
+        _report_seed(result, args.quiet)
         return 0
 
     return _run(go)
