@@ -61,6 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import (
     MiB,
     Mount,
+    cpu_times,
     drop_caches,
     ensure_weights,
     median,
@@ -127,14 +128,6 @@ def children_of(pid: int) -> list[int]:
                 if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
                     out.append(int(entry))
     return out
-
-
-def cpu_jiffies() -> tuple[int, int]:
-    """(busy, total) jiffies of the whole machine, all cores (/proc/stat)."""
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:9]]
-    idle = v[3] + v[4]
-    return sum(v) - idle, sum(v)
 
 
 def free_port() -> int:
@@ -380,7 +373,7 @@ class Bench:
             log_off = nginx.log_size()
             cpu0 = [proc_cpu(m.pid or 0) for m in mounts]
             nginx_cpu0 = nginx.cpu()
-            busy0 = cpu_jiffies()
+            busy0 = cpu_times()
             start_at = time.time() + 0.5 + 0.1 * len(nodes)  # every reader started and waiting by then
             for m in mounts:
                 readers.append(subprocess.Popen(
@@ -391,7 +384,7 @@ class Bench:
                 out, _ = r.communicate(timeout=READ_TIMEOUT)
                 outs.append(json.loads(out) if out.strip() else {"bytes": 0, "start": start_at, "end": time.time(),
                                                                  "cpu": 0.0, "error": f"reader exit {r.returncode}"})
-            busy1 = cpu_jiffies()
+            busy1 = cpu_times()
             cpu1 = [proc_cpu(m.pid or 0) for m in mounts]
             nginx_cpu = nginx.cpu() - nginx_cpu0
             statuses = [m.status() for m in mounts]

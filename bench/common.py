@@ -38,6 +38,7 @@ __all__ = [
     "GiB",
     "MiB",
     "Mount",
+    "cpu_times",
     "drop_caches",
     "ensure_tree",
     "ensure_weights",
@@ -239,7 +240,7 @@ def warm_memory(gib: float) -> None:
             m[off : off + MiB] = page
 
 
-def _cpu_times() -> tuple[int, int]:
+def cpu_times() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine from /proc/stat."""
     with open("/proc/stat") as f:
         v = [int(x) for x in f.readline().split()[1:9]]
@@ -264,10 +265,10 @@ def machine_busy(interval: float = 0.5) -> float:
     Someone else's work skews timings: on 2 cores another process halves what the daemon
     gets, and another writer halves what the disk gives.
     """
-    b0, t0 = _cpu_times()
+    b0, t0 = cpu_times()
     d0 = _disk_ticks()
     time.sleep(interval)
-    b1, t1 = _cpu_times()
+    b1, t1 = cpu_times()
     d1 = _disk_ticks()
     return max((b1 - b0) / max(1, t1 - t0), (d1 - d0) / 1000 / interval)
 
