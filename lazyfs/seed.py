@@ -55,7 +55,7 @@ from lazyfs.manifest import (
 from lazyfs.origin.base import Origin
 from lazyfs.progress import NullProgress, ProgressReporter
 
-__all__ = ["SeedResult", "SourceFile", "known_chunks", "publish", "scan_tree", "seed"]
+__all__ = ["ENTRY_TYPES", "SeedResult", "SourceFile", "known_chunks", "publish", "scan_tree", "seed"]
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ def _show(path: str | bytes | os.PathLike[str] | os.PathLike[bytes]) -> str:
     return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
 
 
-_TYPES = {
+# File type (stat.S_IFMT) -> manifest entry type: what a directory scan and the tests agree on.
+ENTRY_TYPES = {
     stat.S_IFDIR: EntryType.DIR,
     stat.S_IFREG: EntryType.REG,
     stat.S_IFLNK: EntryType.SYMLINK,
@@ -128,7 +129,7 @@ def _xattrs(path: bytes) -> tuple[tuple[bytes, bytes], ...]:
 
 
 def _entry(rel: bytes, fs_path: bytes, st: os.stat_result) -> Entry:
-    et = _TYPES.get(stat.S_IFMT(st.st_mode))
+    et = ENTRY_TYPES.get(stat.S_IFMT(st.st_mode))
     if et is None:
         raise SeedError(f"cannot publish {_show(fs_path)}: unsupported file type")
     target = os.readlink(fs_path) if et is EntryType.SYMLINK else b""

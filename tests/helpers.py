@@ -41,6 +41,7 @@ import zstandard
 from lazyfs.errors import IntegrityError
 from lazyfs.manifest import Chunk, Codec, Entry, EntryType, Manifest, tree_key
 from lazyfs.origin.base import Origin
+from lazyfs.seed import ENTRY_TYPES
 
 __all__ = [
     "Run",
@@ -389,15 +390,6 @@ async def read_all_files(origin: Origin, manifest: Manifest, *, concurrency: int
 
 # --- comparing with the source -------------------------------------------------------------------
 
-_ENTRY_TYPES = {
-    stat.S_IFDIR: EntryType.DIR,
-    stat.S_IFREG: EntryType.REG,
-    stat.S_IFLNK: EntryType.SYMLINK,
-    stat.S_IFCHR: EntryType.CHR,
-    stat.S_IFBLK: EntryType.BLK,
-    stat.S_IFIFO: EntryType.FIFO,
-    stat.S_IFSOCK: EntryType.SOCK,
-}
 
 
 def _source_xattrs(fs_path: bytes) -> tuple[tuple[bytes, bytes], ...]:
@@ -458,7 +450,7 @@ async def assert_tree_matches(manifest: Manifest, src: Path, origin: Origin | No
             assert e.target == first, f"{rel!r}: hardlink to {e.target!r}, expected {first!r}"
             assert e.size == 0 and not e.xattrs and not e.chunks
             continue
-        expected_type = _ENTRY_TYPES[stat.S_IFMT(st.st_mode)]
+        expected_type = ENTRY_TYPES[stat.S_IFMT(st.st_mode)]
         assert e.type is expected_type, f"{rel!r}: type {e.type.name} != {expected_type.name}"
         if e.type is EntryType.SYMLINK:
             target = os.readlink(fs_path)

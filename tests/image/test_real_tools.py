@@ -24,20 +24,13 @@ from lazyfs.config import SeedConfig
 from lazyfs.image import ImageOptions, seed_image
 from lazyfs.manifest import EntryType, Manifest, parse_ref
 from lazyfs.origin.file import FileOrigin
+from lazyfs.seed import ENTRY_TYPES
 from tests.helpers import assert_one_line_error, clean_env, read_file, run_lazyfs, walk_source
 from tests.image.conftest import Registries
 from tests.image.realimage import CAP_NET_RAW, PYTHON, RealImage
 
 pytestmark = pytest.mark.integration
 
-_TYPES = {
-    stat.S_IFDIR: EntryType.DIR,
-    stat.S_IFREG: EntryType.REG,
-    stat.S_IFLNK: EntryType.SYMLINK,
-    stat.S_IFCHR: EntryType.CHR,
-    stat.S_IFBLK: EntryType.BLK,
-    stat.S_IFIFO: EntryType.FIFO,
-}
 
 
 @dataclass(frozen=True)
@@ -112,7 +105,7 @@ async def test_tree_matches_umoci_unpack(seeded: Seeded, real_image: RealImage) 
             assert e is not None
             data_entry = m.resolve(e)
             where = rel.decode(errors="replace")
-            assert data_entry.type is _TYPES[stat.S_IFMT(st.st_mode)], where
+            assert data_entry.type is ENTRY_TYPES[stat.S_IFMT(st.st_mode)], where
             assert (e.mode, e.uid, e.gid) == (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid), where
             if not stat.S_ISDIR(st.st_mode):
                 assert e.mtime_ns == st.st_mtime_ns, where
