@@ -616,6 +616,12 @@ class _Session:
             os.setgid(ident.gid)
             os.setuid(ident.uid)
 
+        # Ctrl-C and Ctrl-\ reach the program straight from the terminal (same process group), so
+        # lazyfs run ignores them -- from before the fork: a Ctrl-C that lands while Popen is still
+        # returning (the program may already be running) must not interrupt lazyfs run half-way.
+        # The child goes back to the default dispositions in ``enter`` before it execs.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
         try:
             self.program = subprocess.Popen(argv, env=env, preexec_fn=enter, close_fds=True)
         except FileNotFoundError as exc:
@@ -634,10 +640,7 @@ class _Session:
             with contextlib.suppress(ProcessLookupError):
                 program.send_signal(signum)
 
-        # Ctrl-C and Ctrl-\ reach the program straight from the terminal (same process group);
         # SIGTERM and SIGHUP are for lazyfs run, which passes them on.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGQUIT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, forward)
         signal.signal(signal.SIGHUP, forward)
         rc = program.wait()

@@ -7,6 +7,7 @@ namespace) and the directory is empty.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -206,11 +207,21 @@ def test_mounts_are_private_and_gone_afterwards(debian_image: Image, runner: Run
         assert daemon, "the mount daemon runs while the program does"
         out, err = proc.communicate("hello\n", timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
     assert (proc.returncode, out, err) == (5, "got hello\n", "")
     runner.assert_clean(tmp)
+
+
+def _kill_group(proc: subprocess.Popen[str]) -> None:
+    """If ``proc`` still runs (a failed test), kill its process group; always close its pipes, so a
+    failure here does not become an unclosed-file warning in the next test."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    for pipe in (proc.stdin, proc.stdout, proc.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def _cmdline(pid: str) -> bytes:
@@ -237,9 +248,7 @@ def test_signals_end_the_program_and_clean_up(debian_image: Image, runner: Runne
             os.killpg(proc.pid, signal.SIGINT)  # a terminal's Ctrl-C: the whole foreground group
         _, err = proc.communicate(timeout=60)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_group(proc)
     if how == "sigterm":
         assert proc.returncode == 128 + signal.SIGTERM, err
     else:
