@@ -64,6 +64,7 @@ from bench.common import (
     cpu_times,
     drop_caches,
     ensure_weights,
+    launch_nginx,
     median,
     replace_section,
     seed_once,
@@ -198,44 +199,10 @@ class Nginx:
 
 def start_nginx(spawn: Callable[[list[str]], subprocess.Popen[bytes]], root: Path, workdir: Path, addr: str,
                 port: int, probe: Callable[[list[str]], subprocess.CompletedProcess[str]]) -> Nginx:
-    """nginx (one worker, sendfile) serving ``root`` on ``addr:port``, started through ``spawn``; waits
-    (bounded) until ``probe`` (curl where the clients are) gets an answer."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
-        (workdir / kind).mkdir(exist_ok=True)
+    """nginx (one worker, sendfile) serving ``root`` on ``addr:port`` with a byte-counting access log."""
     log = workdir / "access.log"
-    conf = workdir / "nginx.conf"
-    conf.write_text(f"""
-daemon off;
-user root;
-worker_processes 1;
-pid {workdir / "nginx.pid"};
-error_log {workdir / "error.log"} warn;
-events {{ worker_connections 1024; }}
-http {{
-    default_type application/octet-stream;
-    log_format bytes '$body_bytes_sent $bytes_sent $status';
-    access_log {log} bytes;
-    sendfile on;
-    tcp_nopush on;
-    keepalive_requests 100000;
-    server {{
-        listen {addr}:{port};
-        root {root.resolve()};
-        location / {{ try_files $uri =404; }}
-    }}
-}}
-""")
-    proc = spawn(["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")])
-    url = f"http://{addr}:{port}"
-    for _ in range(100):
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited ({proc.returncode}): {(workdir / 'error.log').read_text()[-2000:]}")
-        res = probe(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2", url + "/"])
-        if res.stdout.strip() not in ("", "000"):
-            return Nginx(proc, url, log)
-        time.sleep(0.1)
-    raise RuntimeError("nginx did not answer within 10 s")
+    proc, url = launch_nginx(spawn, probe, root, workdir, addr, port, access_log=log)
+    return Nginx(proc, url, log)
 
 
 # --- one run: N nodes mount and read at once ---------------------------------------------------------

@@ -42,6 +42,7 @@ __all__ = [
     "drop_caches",
     "ensure_tree",
     "ensure_weights",
+    "launch_nginx",
     "lazyfs_argv",
     "machine_busy",
     "median",
@@ -375,7 +376,11 @@ def unmount_all() -> None:
 # --- nginx in a namespace ----------------------------------------------------------------------
 
 
-def _nginx_conf(root: Path, workdir: Path, addr: str, port: int) -> str:
+def _nginx_conf(root: Path, workdir: Path, addr: str, port: int, access_log: Path | None) -> str:
+    log = "access_log off;" if access_log is None else (
+        "log_format bytes '$body_bytes_sent $bytes_sent $status';\n"
+        f"    access_log {access_log} bytes;"
+    )
     return f"""
 daemon off;
 user root;
@@ -383,10 +388,10 @@ user root;
 worker_processes 1;
 pid {workdir / "nginx.pid"};
 error_log {workdir / "error.log"} warn;
-events {{ worker_connections 512; }}
+events {{ worker_connections 1024; }}
 http {{
     default_type application/octet-stream;
-    access_log off;
+    {log}
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -411,11 +416,25 @@ def start_nginx(
     the origin side); waits (bounded) until ``probe`` (a curl run on the client side) gets an answer.
     Returns the base URL.  The caller owns the process (a Topology stops it on close).
     """
+    return launch_nginx(spawn, probe, root, workdir, addr, port)[1]
+
+
+def launch_nginx(
+    spawn: Callable[[list[str]], subprocess.Popen[bytes]],
+    probe: Callable[[list[str]], subprocess.CompletedProcess[str]],
+    root: Path,
+    workdir: Path,
+    addr: str,
+    port: int = 80,
+    access_log: Path | None = None,
+) -> tuple[subprocess.Popen[bytes], str]:
+    """:func:`start_nginx` returning the process too; ``access_log`` logs ``$body_bytes_sent
+    $bytes_sent $status`` per request (a benchmark's count of origin egress)."""
     workdir.mkdir(parents=True, exist_ok=True)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / kind).mkdir(exist_ok=True)
     conf = workdir / "nginx.conf"
-    conf.write_text(_nginx_conf(root.resolve(), workdir.resolve(), addr, port))
+    conf.write_text(_nginx_conf(root.resolve(), workdir.resolve(), addr, port, access_log))
     proc = spawn(["nginx", "-p", str(workdir), "-c", str(conf), "-e", str(workdir / "error.log")])
     url = f"http://{addr}:{port}"
     for _ in range(100):
@@ -423,7 +442,7 @@ def start_nginx(
             raise RuntimeError(f"nginx exited ({proc.returncode}): {(workdir / 'error.log').read_text()[-2000:]}")
         res = probe(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2", url + "/"])
         if res.stdout.strip() not in ("", "000"):
-            return url
+            return proc, url
         time.sleep(0.1)
     raise RuntimeError("nginx did not answer within 10 s")
 

@@ -179,8 +179,32 @@ def _shape(ns: str | None, dev: str, spec: LinkSpec) -> None:
               "delay", f"{spec.delay_ms}ms", "limit", "100000"])
 
 
+class _Namespaces:
+    """What a Topology and a Cluster share: running commands in one of their namespaces, and
+    long-running processes that are stopped (by pid) when they close."""
+
+    processes: list[subprocess.Popen[bytes]]
+
+    def _ns(self, place: str) -> str | None:
+        raise NotImplementedError
+
+    def argv(self, place: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` run in ``place``'s network namespace (mounts stay shared with the host)."""
+        return ns_argv(self._ns(place), argv)
+
+    def run(self, place: str, argv: Sequence[str], *, timeout: float = PROCESS_TIMEOUT,
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+        return _run(self.argv(place, argv), check=check, timeout=timeout)
+
+    def spawn(self, place: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        """Start a long-running process in ``place``; it is stopped (by pid) when this closes."""
+        proc: subprocess.Popen[bytes] = subprocess.Popen(self.argv(place, argv), **kwargs)  # type: ignore[call-overload]
+        self.processes.append(proc)
+        return proc
+
+
 @dataclass
-class Topology:
+class Topology(_Namespaces):
     """Two sides of one veth link: ``origin`` (a namespace) and ``client`` (a namespace or the host)."""
 
     name: str
@@ -194,21 +218,8 @@ class Topology:
     processes: list[subprocess.Popen[bytes]] = field(default_factory=list, repr=False)
     _closed: bool = False
 
-    def argv(self, side: str, argv: Sequence[str]) -> list[str]:
-        """``argv`` run on ``side`` ("origin" or "client")."""
-        return ns_argv(self._ns(side), argv)
-
-    def run(self, side: str, argv: Sequence[str], *, timeout: float = PROCESS_TIMEOUT,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-        return _run(self.argv(side, argv), check=check, timeout=timeout)
-
-    def spawn(self, side: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        """Start a long-running process on ``side``; it is stopped (by pid) when the topology closes."""
-        proc: subprocess.Popen[bytes] = subprocess.Popen(self.argv(side, argv), **kwargs)  # type: ignore[call-overload]
-        self.processes.append(proc)
-        return proc
-
     def _ns(self, side: str) -> str | None:
+        """``side`` is "origin" or "client"."""
         if side == "origin":
             return self.origin
         if side == "client":
@@ -398,7 +409,7 @@ class LinkCounters:
 
 
 @dataclass
-class Cluster:
+class Cluster(_Namespaces):
     """Members in namespaces of their own, each joined to one bridge by its own limited link.
 
     ``members[i]`` lives in namespace ``PREFIX-MEMBER`` with address ``.i+1`` of the subnet on
@@ -434,19 +445,8 @@ class Cluster:
         """The bridge's end of ``member``'s veth (in the switch namespace)."""
         return f"p{self.members.index(member)}-{member}"[:IFNAMSIZ]
 
-    def argv(self, member: str, argv: Sequence[str]) -> list[str]:
-        """``argv`` run in ``member``'s network namespace (mounts stay shared with the host)."""
-        return ns_argv(self.namespace(member), argv)
-
-    def run(self, member: str, argv: Sequence[str], *, timeout: float = PROCESS_TIMEOUT,
-            check: bool = True) -> subprocess.CompletedProcess[str]:
-        return _run(self.argv(member, argv), check=check, timeout=timeout)
-
-    def spawn(self, member: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        """Start a long-running process in ``member``; it is stopped (by pid) when the cluster closes."""
-        proc: subprocess.Popen[bytes] = subprocess.Popen(self.argv(member, argv), **kwargs)  # type: ignore[call-overload]
-        self.processes.append(proc)
-        return proc
+    def _ns(self, member: str) -> str | None:
+        return self.namespace(member)
 
     def counters(self, member: str, *, switch_side: bool = False) -> LinkCounters:
         """Counters of ``member``'s ``eth0`` (its tx = what it uploaded), or of the bridge's end of
