@@ -25,12 +25,25 @@ What it does:
    to safetensors, and the limits (pinned host-to-device 55 GB/s on an H100; 16 threads copy page
    cache to pinned memory at ~34 GB/s).  Goals: lazyfs >= 25 GB/s and >= 5x safetensors.
 
-Exit status 0 when it ran (goals are reported, not asserted: a figure is a finding).
+6. ``cold`` stage: the disk's O_DIRECT read rate of the file (8 threads, 16 MiB reads), then the
+   file's pages are dropped (``drop_caches``, else ``posix_fadvise(DONTNEED)``; the resident
+   fraction is checked and printed) before one cold load with each loader — against that rate.
+7. ``mount`` stage (needs the daemon's packages, carried as wheels, and /dev/fuse): the file is
+   seeded to a ``file://`` origin in ``--dir``, mounted with ``lazyfs mount``, and loaded through
+   the mount: first load (chunks fetched from the origin, verified, cached), hot loads with the
+   same daemon (the loader's cache fast path), one load with a fresh daemon (which re-verifies
+   each cache file once), each against ``safetensors.torch.load_file`` of the original file in
+   the same run; last, ``safetensors.torch.load_file`` of the file on the mount (mmap through FUSE).
+
+Stages: ``--stages hot,cold,mount`` (default all three).  ``--json FILE`` also writes every figure
+as JSON.  Exit status 0 when it ran (goals are reported, not asserted: a figure is a finding); a
+stage that cannot run here (no daemon packages, no FUSE, no eviction) says so and why.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import gc
 import json
@@ -199,13 +212,292 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     )
 
 
+STAGES = ("hot", "cold", "mount")
+
+
+def gbps(size: int, seconds: float) -> float:
+    return size / seconds / GB
+
+
+def row(label: str, times: list[float], size: int, ref: float | None = None) -> str:
+    best = min(times)
+    ratio = f"{ref / best:14.2f}" if ref is not None else f"{'':>14}"
+    return f"{label:<52} {best:8.3f} {statistics.median(times):9.3f} {gbps(size, best):7.2f} {ratio}"
+
+
+def header_row() -> str:
+    return f"{'load':<52} {'best s':>8} {'median s':>9} {'GB/s':>7} {'x safetensors':>14}"
+
+
+def hot_stage(ctx: Context) -> None:
+    """Page cache -> device: both loaders, interleaved, then the knob sweep."""
+    first_key = ["model.layers.0.self_attn.q_proj.weight"]
+    device, size = ctx.device, ctx.size
+    # Warm-up: CUDA context and caching allocator, the loader's pinned ring (kept between loads).
+    timed(ctx.st_load, device)
+    timed(functools.partial(ctx.lz_load, keys=first_key), device)
+    timed(ctx.lz_load, device)
+    release(device)
+
+    st_times: list[float] = []
+    lz_times: list[float] = []
+    for _ in range(ctx.repeat):
+        dt, ref = timed(ctx.st_load, device)
+        st_times.append(dt)
+        del ref
+        dt, got = timed(ctx.lz_load, device)
+        lz_times.append(dt)
+        del got
+    # Equality once, outside the timings (needs both in device memory).
+    release(device)
+    ref = ctx.st_load()
+    got = ctx.lz_load()
+    equal = same(ref, got)
+    ctx.equal = ctx.equal and equal
+    first = loader.last_statistics()
+    del ref, got
+    release(device)
+
+    st_best, lz_best = min(st_times), min(lz_times)
+    ratio = st_best / lz_best
+    lz_gbps = gbps(size, lz_best)
+    print("\n== hot: file in the page cache -> device ==")
+    print(header_row())
+    print(row("safetensors.torch.load_file", st_times, size, st_best))
+    print(row("lazyfs.loader.load_file", lz_times, size, st_best))
+    if first is not None:
+        print(f"lazyfs first tensor after {first.first_tensor_seconds * 1000:.1f} ms")
+    print(f"equal: {'yes' if equal else 'NO'}")
+    print(f"goals: >= {GOAL_GBPS:g} GB/s {'met' if lz_gbps >= GOAL_GBPS else 'MISSED'}, "
+          f">= {GOAL_RATIO:g}x safetensors {'met' if ratio >= GOAL_RATIO else 'MISSED'}")
+    print(f"limits: pinned host-to-device {H2D_PINNED_GBPS:g} GB/s; page cache -> pinned, 16 threads, "
+          f"~{PAGE_CACHE_16T_GBPS:g} GB/s (DESIGN.md, H100 box)")
+    ctx.figures["hot"] = {"safetensors_s": st_times, "lazyfs_s": lz_times, "lazyfs_gbps": lz_gbps,
+                          "ratio": ratio, "equal": equal}
+
+    if ctx.sweep:
+        print()
+        print(f"{'threads':>7} {'pinned MiB':>10} {'best s':>8} {'GB/s':>7}")
+        cpus = os.cpu_count() or 1
+        sweep: list[dict[str, float]] = []
+        for threads in sorted({max(2, cpus // 2), cpus, 2 * cpus}):
+            for pinned in (8 * loader_ring(), 32 * loader_ring()):
+                loader.free_pinned_memory()
+                load = functools.partial(ctx.lz_load, threads=threads, pinned_bytes=pinned)
+                timed(functools.partial(load, keys=first_key), device)  # pins the ring
+                best = min(timed(load, device)[0] for _ in range(max(1, ctx.repeat - 1)))
+                print(f"{threads:7d} {pinned // MiB:10d} {best:8.3f} {gbps(size, best):7.2f}", flush=True)
+                sweep.append({"threads": threads, "pinned_mib": pinned // MiB, "best_s": best})
+        loader.free_pinned_memory()
+        ctx.figures["sweep"] = sweep
+
+
+# --- cold disk -----------------------------------------------------------------------------------------
+
+
+def o_direct_rate(path: Path, threads: int = 8, block: int = 16 * MiB) -> float:
+    """Seconds to read ``path`` once with O_DIRECT (``threads`` parallel ``block``-sized reads)."""
+    import concurrent.futures as cf
+    import mmap
+    import threading
+
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    nxt = iter(range(0, size, block))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT wants
+        try:
+            while True:
+                with lock:
+                    off = next(nxt, None)
+                if off is None:
+                    return
+                os.preadv(fd, [buf], off)
+        finally:
+            buf.close()
+
+    try:
+        t = time.perf_counter()
+        with cf.ThreadPoolExecutor(threads) as pool:
+            for f in [pool.submit(worker) for _ in range(threads)]:
+                f.result()
+        return time.perf_counter() - t
+    finally:
+        os.close(fd)
+
+
+def evict(path: Path) -> tuple[float, str]:
+    """Drop ``path``'s pages from the page cache; returns (resident fraction after, how)."""
+    how = []
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        how.append("drop_caches")
+    except OSError as exc:
+        how.append(f"drop_caches refused ({exc.strerror})")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        how.append("fadvise DONTNEED")
+    except OSError as exc:
+        how.append(f"fadvise refused ({exc.strerror})")
+    finally:
+        os.close(fd)
+    return resident_fraction(path), ", ".join(how)
+
+
+def cold_stage(ctx: Context) -> None:
+    """Disk -> device with the page cache dropped, against the disk's O_DIRECT rate."""
+    device, size, path = ctx.device, ctx.size, ctx.path
+    print("\n== cold: page cache dropped, disk -> device ==")
+    try:
+        od = [o_direct_rate(path) for _ in range(2)]
+    except OSError as exc:
+        print(f"O_DIRECT read failed: {exc.strerror}; no disk rate")
+        od = []
+    if od:
+        print(f"disk O_DIRECT read, 8 threads x 16 MiB: best {min(od):.3f} s = {gbps(size, min(od)):.2f} GB/s")
+    runs: dict[str, list[float]] = {"safetensors": [], "lazyfs": []}
+    residents: list[float] = []
+    for _ in range(2):
+        for name, fn in (("safetensors", ctx.st_load), ("lazyfs", ctx.lz_load)):
+            resident, how = evict(path)
+            residents.append(resident)
+            dt, out = timed(fn, device)
+            del out
+            runs[name].append(dt)
+    print(f"eviction: {how}; resident before each load: {', '.join(f'{r:.0%}' for r in residents)}")
+    if max(residents) > 0.05:
+        print("NOTE: the page cache could not be dropped here: these loads are not cold")
+    print(header_row())
+    st_best = min(runs["safetensors"])
+    print(row("safetensors.torch.load_file (cold)", runs["safetensors"], size, st_best))
+    print(row("lazyfs.loader.load_file (cold)", runs["lazyfs"], size, st_best))
+    if od:
+        print(f"lazyfs cold / disk O_DIRECT rate: {min(od) / min(runs['lazyfs']):.2f}")
+    ctx.figures["cold"] = {"o_direct_s": od, "resident": residents, "eviction": how, **runs}
+    release(device)
+    warm_page_cache(path)
+
+
+# --- through a lazyfs mount ----------------------------------------------------------------------------
+
+
+def daemon_missing() -> list[str]:
+    import importlib.util
+
+    return [m for m in ("pyfuse3", "lmdb", "zstandard", "blake3", "msgpack") if importlib.util.find_spec(m) is None]
+
+
+def mount_stage(ctx: Context) -> None:
+    """Seed, mount, and load through the mount: first (from the origin), hot, fresh daemon."""
+    import shutil
+
+    print("\n== mount: through a lazyfs mount (file:// origin in --dir) ==")
+    missing = daemon_missing()
+    if missing:
+        print(f"mount stage cannot run: the daemon's packages are missing ({', '.join(missing)}); "
+              "carry them as wheels (DESIGN.md, GPU checks)")
+        ctx.figures["mount"] = {"error": f"missing {missing}"}
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.common import Mount, seed_once
+
+    device, size, path = ctx.device, ctx.size, ctx.path
+    origin = ctx.dir / "origin"
+    t = time.perf_counter()
+    ref = seed_once(path, origin, f"gpu-check:s{size}")
+    print(f"seeded {ref} to file://{origin} in {time.perf_counter() - t:.1f} s", flush=True)
+    cache = ctx.dir / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    mnt = ctx.dir / "mnt"
+    mpath = mnt / path.name
+    mount_load = functools.partial(loader.load_file, mpath, device=device)
+    figures: dict[str, Any] = {}
+    try:
+        with Mount(f"file://{origin}", ref, mnt, cache) as m:
+            dt, got = timed(mount_load, device)
+            stats = loader.last_statistics()
+            figures["first_s"] = dt
+            print(f"first load through the mount (chunks from the origin, verified, cached): {dt:.3f} s "
+                  f"= {gbps(size, dt):.2f} GB/s", flush=True)
+            ref_tensors = ctx.st_load()
+            equal = same(ref_tensors, got)
+            ctx.equal = ctx.equal and equal
+            print(f"equal to safetensors of the original: {'yes' if equal else 'NO'}")
+            if stats is not None:
+                print(f"first tensor after {stats.first_tensor_seconds * 1000:.1f} ms; chunks read from the "
+                      f"cache {stats.chunks_from_cache}, through the mount {stats.chunks_from_mount}")
+                figures["chunks"] = [stats.chunks_from_cache, stats.chunks_from_mount]
+            del got, ref_tensors
+            st_times: list[float] = []
+            hot: list[float] = []
+            for _ in range(ctx.repeat):
+                st_times.append(timed(ctx.st_load, device)[0])
+                hot.append(timed(mount_load, device)[0])
+            figures.update(safetensors_s=st_times, hot_s=hot, daemon=m.status().get("fetch"))
+        with Mount(f"file://{origin}", ref, mnt, cache):
+            fresh = timed(mount_load, device)[0]
+            fresh_hot = [timed(mount_load, device)[0] for _ in range(max(1, ctx.repeat - 1))]
+            figures.update(fresh_s=[fresh], fresh_hot_s=fresh_hot)
+            st_best = min(st_times)
+            print(header_row())
+            print(row("safetensors.torch.load_file, original file", st_times, size, st_best))
+            print(row("lazyfs loader via mount, same daemon (hot)", hot, size, st_best))
+            print(row("lazyfs loader via mount, fresh daemon, 1st", [fresh], size, st_best))
+            print(row("lazyfs loader via mount, fresh daemon, again", fresh_hot, size, st_best), flush=True)
+            if ctx.st_mount:
+                st_mnt = timed(functools.partial(ctx.st_module.load_file, mpath, device=device), device)[0]
+                figures["safetensors_on_mount_s"] = [st_mnt]
+                print(row("safetensors.torch.load_file of the mounted file", [st_mnt], size, st_best))
+    except Exception as exc:  # a finding, not a crash: say what failed and keep the other figures
+        print(f"mount stage failed: {type(exc).__name__}: {exc}")
+        figures["error"] = f"{type(exc).__name__}: {exc}"
+    ctx.figures["mount"] = figures
+    release(device)
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Context:
+    device: str
+    path: Path
+    size: int
+    dir: Path
+    repeat: int
+    sweep: bool
+    st_mount: bool
+    st_module: Any
+    st_load: Callable[[], dict[str, torch.Tensor]]
+    lz_load: Callable[..., dict[str, torch.Tensor]]
+    equal: bool = True
+    figures: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def parse_stages(text: str) -> list[str]:
+    stages = [s.strip() for s in text.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise argparse.ArgumentTypeError(f"bad stages {text!r}: a comma-separated list of {', '.join(STAGES)}")
+    return stages
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda (default) or cpu for a dry run")
     p.add_argument("--size", type=parse_size, default=4 * GiB, help="model size (default 4GiB)")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp/lazyfs-gpu-check"), help="where the file goes")
     p.add_argument("--repeat", type=int, default=3, help="timed runs of each loader (default 3)")
+    p.add_argument("--stages", type=parse_stages, default=list(STAGES), help="hot,cold,mount (default all)")
     p.add_argument("--no-sweep", action="store_true", help="skip the threads / pinned-ring sweep")
+    p.add_argument("--no-safetensors-on-mount", action="store_true",
+                   help="skip safetensors.torch.load_file of the mounted file (mmap through FUSE: slow)")
+    p.add_argument("--json", type=Path, help="also write the figures here as JSON")
     args = p.parse_args(argv)
     device: str = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -225,67 +517,24 @@ def main(argv: list[str] | None = None) -> int:
     resident = warm_page_cache(path)
     dev_name = torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu"
     print(f"device: {dev_name}; torch {torch.__version__}, safetensors {safetensors.__version__}, "
-          f"python {platform.python_version()}, {os.cpu_count()} CPUs", flush=True)
+          f"python {platform.python_version()}, {os.cpu_count()} CPUs, kernel {platform.release()}", flush=True)
     print(f"file: {size / GB:.2f} GB, {resident:.0%} in page cache", flush=True)
 
-    # Warm-up: CUDA context and caching allocator, the loader's pinned ring (kept between loads).
-    first_key = ["model.layers.0.self_attn.q_proj.weight"]
-    st_load = functools.partial(safetensors.torch.load_file, path, device=device)
-    lz_load = functools.partial(loader.load_file, path, device=device)
-    timed(st_load, device)
-    timed(functools.partial(lz_load, keys=first_key), device)
-    timed(lz_load, device)
-    release(device)
-
-    st_times: list[float] = []
-    lz_times: list[float] = []
-    equal = True
-    for _ in range(args.repeat):
-        dt, ref = timed(st_load, device)
-        st_times.append(dt)
-        del ref
-        dt, got = timed(lz_load, device)
-        lz_times.append(dt)
-        del got
-    # Equality once, outside the timings (needs both in device memory).
-    release(device)
-    ref = st_load()
-    got = lz_load()
-    equal = same(ref, got)
-    first = loader.last_statistics()
-    del ref, got
-    release(device)
-
-    st_best, lz_best = min(st_times), min(lz_times)
-    st_gbps, lz_gbps = size / st_best / GB, size / lz_best / GB
-    ratio = st_best / lz_best
-    print()
-    print(f"{'loader':<40} {'best s':>8} {'median s':>9} {'GB/s':>7} {'x safetensors':>14}")
-    print(f"{'safetensors.torch.load_file':<40} {st_best:8.3f} {statistics.median(st_times):9.3f} "
-          f"{st_gbps:7.2f} {1.0:14.2f}")
-    print(f"{'lazyfs.loader.load_file':<40} {lz_best:8.3f} {statistics.median(lz_times):9.3f} "
-          f"{lz_gbps:7.2f} {ratio:14.2f}")
-    if first is not None:
-        print(f"lazyfs first tensor after {first.first_tensor_seconds * 1000:.1f} ms")
-    print(f"equal: {'yes' if equal else 'NO'}")
-    print(f"goals: >= {GOAL_GBPS:g} GB/s {'met' if lz_gbps >= GOAL_GBPS else 'MISSED'}, "
-          f">= {GOAL_RATIO:g}x safetensors {'met' if ratio >= GOAL_RATIO else 'MISSED'}")
-    print(f"limits: pinned host-to-device {H2D_PINNED_GBPS:g} GB/s; page cache -> pinned, 16 threads, "
-          f"~{PAGE_CACHE_16T_GBPS:g} GB/s (DESIGN.md, H100 box)")
-
-    if not args.no_sweep:
-        print()
-        print(f"{'threads':>7} {'pinned MiB':>10} {'best s':>8} {'GB/s':>7}")
-        cpus = os.cpu_count() or 1
-        for threads in sorted({max(2, cpus // 2), cpus, 2 * cpus}):
-            for pinned in (8 * loader_ring(), 32 * loader_ring()):
-                loader.free_pinned_memory()
-                load = functools.partial(lz_load, threads=threads, pinned_bytes=pinned)
-                timed(functools.partial(load, keys=first_key), device)  # pins the ring
-                best = min(timed(load, device)[0] for _ in range(max(1, args.repeat - 1)))
-                print(f"{threads:7d} {pinned // MiB:10d} {best:8.3f} {size / best / GB:7.2f}", flush=True)
-        loader.free_pinned_memory()
-    return 0 if equal else 1
+    ctx = Context(
+        device=device, path=path, size=size, dir=args.dir, repeat=args.repeat, sweep=not args.no_sweep,
+        st_mount=not args.no_safetensors_on_mount, st_module=safetensors.torch,
+        st_load=functools.partial(safetensors.torch.load_file, path, device=device),
+        lz_load=functools.partial(loader.load_file, path, device=device),
+    )
+    ctx.figures["machine"] = {"device": dev_name, "torch": torch.__version__, "cpus": os.cpu_count(),
+                              "size": size, "kernel": platform.release()}
+    stage_fns = {"hot": hot_stage, "cold": cold_stage, "mount": mount_stage}
+    for stage in args.stages:
+        stage_fns[stage](ctx)
+        sys.stdout.flush()
+    if args.json:
+        args.json.write_text(json.dumps(ctx.figures, indent=1, default=str))
+    return 0 if ctx.equal else 1
 
 
 def loader_ring() -> int:
