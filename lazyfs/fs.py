@@ -41,8 +41,6 @@ _FMT = {
 }
 # Reported block size: one chunk would be honest but makes `du` odd; 4 KiB matches local filesystems.
 BLOCK_SIZE = 4096
-# Names under this prefix answer getxattr on the root but are not listed: the daemon's control channel.
-CONTROL_XATTR_PREFIX = b"user.lazyfs."
 # A chunk whose read just failed fails again at once for this long instead of being fetched
 # again.  Why: when a read fails, the kernel retries the same page right away with a second,
 # synchronous request; without this hold a reader of an unreachable origin would wait two
@@ -103,34 +101,51 @@ class LazyFilesystem:
         # Told the chunk indices of every read before they are fetched (startup traces).
         self.on_read = on_read
         self._entries: list[Entry] = []  # ino - 1 -> the entry holding the inode's data
-        self._ino_of_path: dict[bytes, int] = {}
+        self._ino_of_path: dict[bytes, int] = {}  # every name, hardlinks included -> its inode
         self._nlink: list[int] = []
         self._children: dict[int, list[tuple[bytes, int]]] = {}
-        self._child: dict[tuple[int, bytes], int] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         self._failed: dict[int, tuple[float, LazyfsError]] = {}  # chunk -> (hold until, error)
         self._build()
 
     def _build(self) -> None:
-        m = self.manifest
-        for e in m.entries:
-            if e.type is EntryType.HARDLINK:
+        """One pass over the entries (tree order: a directory comes before its contents).
+
+        Part of every mount's start-up (34k entries: ~0.45 s with two passes and a
+        (parent, name) table; ~0.06 s like this): lookups go through the path table.
+        """
+        entries = self._entries
+        ino_of_path = self._ino_of_path
+        nlink = self._nlink
+        children = self._children
+        DIR, HARDLINK = EntryType.DIR, EntryType.HARDLINK
+        hardlinks: list[tuple[Entry, list[tuple[bytes, int]], int]] = []
+        for e in self.manifest.entries:
+            path = e.path
+            t = e.type
+            if t is HARDLINK:
+                ino = 0  # the target may come later in tree order: filled in below
+            else:
+                entries.append(e)
+                ino = ino_of_path[path] = len(entries)
+                nlink.append(2 if t is DIR else 1)
+            if not path:
                 continue
-            self._entries.append(e)
-            self._ino_of_path[e.path] = len(self._entries)
-            self._nlink.append(2 if e.type is EntryType.DIR else 1)
-        for e in m.entries:
-            ino = self._ino_of_path[e.target if e.type is EntryType.HARDLINK else e.path]
-            if e.type is EntryType.HARDLINK:
-                self._nlink[ino - 1] += 1
-            if not e.path:
-                continue
-            parent = self._ino_of_path[e.parent]
-            self._children.setdefault(parent, []).append((e.name, ino))
-            self._child[(parent, e.name)] = ino
-            if e.type is EntryType.DIR:
-                self._nlink[parent - 1] += 1
+            parent_path, _, name = path.rpartition(b"/")
+            parent = ino_of_path[parent_path]
+            names = children.get(parent)
+            if names is None:
+                names = children[parent] = []
+            if t is HARDLINK:
+                hardlinks.append((e, names, len(names)))
+            elif t is DIR:
+                nlink[parent - 1] += 1
+            names.append((name, ino))
+        for e, names, i in hardlinks:
+            ino = ino_of_path[e.path] = ino_of_path[e.target]
+            nlink[ino - 1] += 1
+            names[i] = (names[i][0], ino)
 
     # -- metadata --------------------------------------------------------------
 
@@ -162,7 +177,10 @@ class LazyFilesystem:
         if name == b"..":
             p = self._entry(parent).parent
             return self.getattr(self._ino_of_path[p])
-        ino = self._child.get((parent, name))
+        if not name or b"/" in name:
+            raise FilesystemError(errno.ENOENT)
+        ppath = self._entries[parent - 1].path
+        ino = self._ino_of_path.get(ppath + b"/" + name if ppath else name)
         if ino is None:
             raise FilesystemError(errno.ENOENT)
         return self.getattr(ino)
@@ -206,10 +224,7 @@ class LazyFilesystem:
     def ino_of(self, path: bytes) -> int:
         ino = self._ino_of_path.get(path)
         if ino is None:
-            e = self.manifest.entry(path)
-            if e is None or e.type is not EntryType.HARDLINK:
-                raise FilesystemError(errno.ENOENT, f"{path!r} is not in the manifest")
-            ino = self._ino_of_path[e.target]
+            raise FilesystemError(errno.ENOENT, f"{path!r} is not in the manifest")
         return ino
 
     # -- data ------------------------------------------------------------------

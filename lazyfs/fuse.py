@@ -15,15 +15,41 @@ import errno
 import logging
 import os
 import re
+import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pyfuse3
-import pyfuse3.asyncio
 
-from lazyfs.errors import LazyfsError
-from lazyfs.fs import Attr, LazyFilesystem
+def _import_pyfuse3_without_trio() -> None:
+    """Import pyfuse3 with a placeholder for trio, which it imports but never uses in asyncio mode.
+
+    pyfuse3 runs ``import trio`` when it loads and looks ``trio`` up only when it serves, as its
+    module global ``trio``, which ``pyfuse3.asyncio.enable()`` (below) replaces.  Importing
+    the real trio costs the daemon ~0.12 s (40-odd modules) of every mount's start-up, for
+    nothing.  The placeholder is in ``sys.modules`` only while pyfuse3 loads; a process that
+    already has trio, or imports it later, gets the real one.  Should a pyfuse3 release touch
+    trio while loading, this import fails at once, loudly (every mount test catches it).
+    """
+    if "pyfuse3" in sys.modules or "trio" in sys.modules:
+        return
+    placeholder = types.ModuleType("trio", "lazyfs: pyfuse3 runs in asyncio mode; this trio is never used")
+    sys.modules["trio"] = placeholder
+    try:
+        import pyfuse3  # noqa: F401
+    finally:
+        if sys.modules.get("trio") is placeholder:
+            del sys.modules["trio"]
+
+
+_import_pyfuse3_without_trio()
+
+import pyfuse3  # noqa: E402
+import pyfuse3.asyncio  # noqa: E402
+
+from lazyfs.errors import LazyfsError  # noqa: E402
+from lazyfs.fs import Attr, LazyFilesystem  # noqa: E402
 
 __all__ = ["FuseAdapter", "close", "mount", "run", "tune_read_ahead"]
 

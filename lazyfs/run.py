@@ -56,8 +56,8 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from lazyfs.control import CONTROL_XATTR, STATUS_XATTR
 from lazyfs.errors import RunError
-from lazyfs.fs import CONTROL_XATTR_PREFIX
 from lazyfs.manifest import IMAGE_CONFIG_ANNOTATION, parse_ref
 
 __all__ = [
@@ -80,8 +80,8 @@ log = logging.getLogger(__name__)
 
 # Docker's PATH for images that set none.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-_CONTROL_XATTR = (CONTROL_XATTR_PREFIX + b"control").decode()
-_STATUS_XATTR = (CONTROL_XATTR_PREFIX + b"status").decode()
+_CONTROL_XATTR = CONTROL_XATTR.decode()
+_STATUS_XATTR = STATUS_XATTR.decode()
 # The daemon gets this long after SIGTERM to publish a recorded trace and finish its cache writes.
 DAEMON_STOP_TIMEOUT = 60.0
 # /etc/passwd and /etc/group are image content (hostile): read at most this much of each.

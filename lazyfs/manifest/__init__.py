@@ -1,7 +1,12 @@
-"""The manifest FORMAT: schema, canonical codec with limits, builder.  Imports nothing daemon-side."""
+"""The manifest FORMAT: schema, canonical codec with limits, builder.  Imports nothing daemon-side.
 
-from lazyfs.manifest.builder import ChunkLocation, ManifestBuilder
-from lazyfs.manifest.codec import LIMITS, Limits, decode, digest_of, encode
+The codec (msgpack, blake3) and the builder are imported on first use of one of their names,
+so ``parse_ref`` and the data model cost a command that only needs them (``lazyfs mount``
+before it starts its daemon, ``lazyfs run``) no more than the schema module.
+"""
+
+from typing import TYPE_CHECKING, Any
+
 from lazyfs.manifest.schema import (
     DEFAULT_TAG,
     DIGEST_SIZE,
@@ -17,6 +22,10 @@ from lazyfs.manifest.schema import (
     parse_ref,
     tree_key,
 )
+
+if TYPE_CHECKING:
+    from lazyfs.manifest.builder import ChunkLocation, ManifestBuilder
+    from lazyfs.manifest.codec import LIMITS, Limits, decode, digest_of, encode
 
 __all__ = [
     "DEFAULT_TAG",
@@ -40,3 +49,24 @@ __all__ = [
     "parse_ref",
     "tree_key",
 ]
+
+_LAZY = {
+    "ChunkLocation": "lazyfs.manifest.builder",
+    "ManifestBuilder": "lazyfs.manifest.builder",
+    "LIMITS": "lazyfs.manifest.codec",
+    "Limits": "lazyfs.manifest.codec",
+    "decode": "lazyfs.manifest.codec",
+    "digest_of": "lazyfs.manifest.codec",
+    "encode": "lazyfs.manifest.codec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lazyfs.manifest' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
