@@ -5,8 +5,9 @@ so ``parse_ref`` and the data model cost a command that only needs them (``lazyf
 before it starts its daemon, ``lazyfs run``) no more than the schema module.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from lazyfs._lazy import lazy_attributes
 from lazyfs.manifest.schema import (
     DEFAULT_TAG,
     DIGEST_SIZE,
@@ -61,12 +62,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lazyfs.manifest' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -15,9 +15,10 @@ one line saying what is wrong.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from lazyfs._lazy import lazy_attributes
 from lazyfs.config import OriginConfig
 from lazyfs.errors import BadURLError, UsageError
 from lazyfs.origin.base import Origin, check_key
@@ -48,13 +49,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lazyfs.origin' has no attribute {name!r}")
-    import importlib
-
-    return getattr(importlib.import_module(module), name)
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 _SCHEMES = "file:///abs/dir, http(s)://host/prefix or s3://bucket/prefix"
