@@ -49,6 +49,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -99,14 +100,16 @@ buf = bytearray(int(sys.argv[3])); view = memoryview(buf)
 fd = os.open(path, os.O_RDONLY)
 while (left := start_at - time.time()) > 0:
     time.sleep(min(left, 0.01))
-t0 = time.time(); c0 = time.process_time(); n = 0; error = ""
+t0 = time.time(); c0 = time.process_time(); n = 0; error = ""; marks = []
 try:
     while k := os.readv(fd, [view]):
         n += k
+        marks.append(round(time.time() - t0, 4))
 except OSError as exc:
     error = f"{type(exc).__name__}: {exc} after {n} bytes"
 t1 = time.time()
-print(json.dumps({"bytes": n, "start": t0, "end": t1, "cpu": time.process_time() - c0, "error": error}))
+print(json.dumps({"bytes": n, "start": t0, "end": t1, "cpu": time.process_time() - c0, "error": error,
+                  "marks": marks}))
 """
 
 
@@ -145,6 +148,11 @@ def in_namespace(cluster: Cluster, member: str) -> Callable[[list[str]], list[st
 def with_flags(wrap: Callable[[list[str]], list[str]], flags: list[str]) -> Callable[[list[str]], list[str]]:
     """A ``Mount.wrap`` that appends ``flags`` to the mount command, then applies ``wrap``."""
     return lambda argv: wrap([*argv, *flags])
+
+
+def with_env(wrap: Callable[[list[str]], list[str]], env: dict[str, str]) -> Callable[[list[str]], list[str]]:
+    """A ``Mount.wrap`` that runs the mount command with ``env`` added to its environment."""
+    return lambda argv: wrap(["env", *(f"{k}={v}" for k, v in env.items()), *argv])
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
@@ -284,6 +292,7 @@ class Bench:
         self.details: list[str] = []
         self.busy_before: list[float] = []
         self.token = self.run_dir / "peer-token"
+        self.chunks: dict[str, list[Any]] = {}  # ref -> the manifest's chunks (for --trace)
 
     def say(self, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -312,6 +321,10 @@ class Bench:
                 origin_member: str | None = None) -> RunResult:
         """Mount every node (at once, cold caches), then read ``filename`` on all of them at the same moment."""
         peer_list = ",".join(n.listen for n in nodes)
+        trace_dir = None
+        if self.args.trace is not None:
+            trace_dir = self.args.trace / f"{'peers' if peers else 'origin'}-{time.strftime('%H%M%S')}"
+            trace_dir.mkdir(parents=True)
         mounts: list[Mount] = []
         readers: list[subprocess.Popen[bytes]] = []
         try:
@@ -320,8 +333,10 @@ class Bench:
                          if peers else [])
                 if peers and self.args.peer_timeout:
                     extra += ["--peer-timeout", str(self.args.peer_timeout)]
-                m = Mount(url, ref, self.fresh(f"mnt-{node.name}"), self.fresh(f"cache-{node.name}"),
-                          wrap=with_flags(node.wrap, extra))
+                wrap = with_flags(node.wrap, extra)
+                if trace_dir is not None:
+                    wrap = with_env(wrap, {"LAZYFS_P2P_TRACE": str(trace_dir / f"{node.name}.jsonl")})
+                m = Mount(url, ref, self.fresh(f"mnt-{node.name}"), self.fresh(f"cache-{node.name}"), wrap=wrap)
                 return m.__enter__()
 
             t = time.perf_counter()
@@ -346,11 +361,24 @@ class Bench:
                 readers.append(subprocess.Popen(
                     [sys.executable, "-c", _READER, str(m.mountpoint / filename), repr(start_at), str(READ_BUFFER)],
                     stdout=subprocess.PIPE))
+            samples: list[tuple[float, dict[str, tuple[int, int]]]] = []
+            sampling = threading.Event()
+            sampler = None
+            if trace_dir is not None and counters is not None:
+                def sample() -> None:
+                    while not sampling.wait(0.5):
+                        samples.append((time.time(), counters()))
+
+                sampler = threading.Thread(target=sample, daemon=True)
+                sampler.start()
             outs = []
             for r in readers:
                 out, _ = r.communicate(timeout=READ_TIMEOUT)
                 outs.append(json.loads(out) if out.strip() else {"bytes": 0, "start": start_at, "end": time.time(),
                                                                  "cpu": 0.0, "error": f"reader exit {r.returncode}"})
+            sampling.set()
+            if sampler is not None:
+                sampler.join()
             busy1 = cpu_times()
             cpu1 = [proc_cpu(m.pid or 0) for m in mounts]
             nginx_cpu = nginx.cpu() - nginx_cpu0
@@ -365,6 +393,12 @@ class Bench:
                 m.close()
         # After the daemons are gone: every origin request has ended and is logged.
         after = counters() if counters else {}
+        if trace_dir is not None:
+            (trace_dir / "run.json").write_text(json.dumps({
+                "nodes": {n.name: {"listen": n.listen, "reader": o} for n, o in zip(nodes, outs, strict=True)},
+                "peers": [n.listen for n in nodes], "chunks": [c.digest.hex()[:12] for c in self.chunks[ref]],
+                "links": samples}))
+            self.say(f"trace: {trace_dir}")
         requests, body, sent = nginx.sent_since(log_off)
         results = []
         for spec, o, c0, c1, st, log in zip(nodes, outs, cpu0, cpu1, statuses, logs, strict=True):
@@ -582,9 +616,15 @@ class Bench:
         served them to the others, so the busiest home's upload bounds a link-limited makespan."""
         homes = [float(x.fetch["bytes_from_origin"]) for x in r.nodes]
         served = [float((x.peers or {}).get("bytes_served", 0)) for x in r.nodes]
+        # What left the busiest server (compressed where the asker took zstd; see p2p.server).
+        sent = [float((x.peers or {}).get("server", {}).get("bytes_sent", s)) for x, s in zip(r.nodes, served,
+                                                                                            strict=True)]
         mean = sum(homes) / len(homes)
         busiest = max(served)
-        at_link = f" = {busiest / link:.1f} s at the link rate" if link else ""
+        wire = sent[served.index(busiest)]
+        at_link = f" = {wire / link:.1f} s at the link rate" if link else ""
+        if wire < busiest:
+            at_link = f" ({wire / MiB:,.0f} MiB as sent, compressed){at_link}"
         return (f"{fig}, peers: origin bytes per node (its home chunks) {min(homes) / MiB:,.0f}-"
                 f"{max(homes) / MiB:,.0f} MiB (max/mean {max(homes) / mean:.2f}: rendezvous hashing of {chunks} "
                 f"chunks over {len(r.nodes)} nodes); the busiest peer server sent {busiest / MiB:,.0f} MiB{at_link}")
@@ -593,6 +633,7 @@ class Bench:
         weights = ensure_weights(self.root, size)
         ref = seed_once(weights.parent, self.origin_dir, f"bench-weights:s{size}")
         manifest = manifest_of(self.origin_dir, ref)
+        self.chunks[ref] = list(manifest.chunks)
         n = weights.stat().st_size
         self.notes.append(f"model of {size / MiB:,.0f} MiB: {weights.name}, {n:,} bytes of bf16 N(0, 0.02) in "
                           f"{len(manifest.chunks)} chunks, {manifest.stored_size:,} stored bytes in "
@@ -709,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--prewarm-gib", type=float, default=4.0,
                    help="memory touched right before each timed section (default 4; 0: none)")
     p.add_argument("--warm-memory-gib", type=float, default=8.0)
+    p.add_argument("--trace", type=Path, default=None,
+                   help="write per-node peer traces (LAZYFS_P2P_TRACE) and reader timelines under this directory")
     p.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     p.add_argument("--results", type=Path, default=RESULTS)
     args = p.parse_args(argv)

@@ -4,6 +4,8 @@ Every mount daemon runs a :class:`~p2p.server.PeerServer` (verified chunks by
 digest) and gives its fetcher a :class:`~p2p.source.PeerSource` (ask the
 chunk's home peer, chosen by rendezvous hashing, before the origin).
 :class:`~p2p.tier.PeerTier` ties them to a :class:`~p2p.membership.Membership`.
+:mod:`p2p.schedule` orders a home's work (its origin fetches, its replies) by
+need, so the chunk every reader wants next arrives first.
 
 p2p imports lazyfs; lazyfs never imports p2p: the daemon finds
 :class:`PeerTier` through the ``lazyfs.peer_tier`` entry point.

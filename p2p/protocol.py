@@ -11,7 +11,11 @@ lowercase hex (64 characters).  Request headers:
   gives up (504) rather than work for nobody;
 * ``X-Lazyfs-Cached-Only: 1`` — answer only from memory or the cache (404
   otherwise); used to find holders when the origin is down;
-* ``Range: bytes=a-b`` — standard single ranges (206 / 416).
+* ``Range: bytes=a-b`` — standard single ranges (206 / 416);
+* ``Accept-Encoding: zstd`` — the asker takes a compressed body: a whole-chunk
+  answer may then come as one zstd frame with ``Content-Encoding: zstd``
+  (Content-Length is the compressed size); the asker decompresses it, with the
+  chunk size as the limit, before verifying.  Ranges are never compressed.
 
 Answers: 200/206 with the raw chunk bytes (``application/octet-stream``),
 401, 404 (unknown digest, or not cached with ``Cached-Only``), 416, 503 with
@@ -30,6 +34,8 @@ __all__ = [
     "PRIORITY",
     "REASON",
     "TIMEOUT",
+    "ZSTD",
+    "accepts_zstd",
     "bearer",
     "digest_from_hex",
     "token_matches",
@@ -40,6 +46,7 @@ PRIORITY = "X-Lazyfs-Priority"
 TIMEOUT = "X-Lazyfs-Timeout"
 CACHED_ONLY = "X-Lazyfs-Cached-Only"
 REASON = "X-Lazyfs-Reason"
+ZSTD = "zstd"
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -64,3 +71,12 @@ def token_matches(header: str | None, token: bytes) -> bool:
     except UnicodeEncodeError:
         return False
     return hmac.compare_digest(given, token)
+
+
+def accepts_zstd(header: str | None) -> bool:
+    """Whether an ``Accept-Encoding`` header lists zstd (without ``q=0``)."""
+    for item in (header or "").split(","):
+        name, _, params = item.partition(";")
+        if name.strip().lower() == ZSTD:
+            return params.replace(" ", "").lower() not in ("q=0", "q=0.0", "q=0.00", "q=0.000")
+    return False

@@ -16,10 +16,25 @@ from lazyfs.config import PeerConfig
 from lazyfs.errors import UsageError
 from lazyfs.fetch import ChunkFetcher
 from p2p.membership import Membership, Resolver, system_resolver
+from p2p.schedule import HomeFetches
 from p2p.server import BlobStore, PeerServer
 from p2p.source import PeerSource
 
 __all__ = ["PeerStatistics", "PeerTier", "client_ssl_context", "server_ssl_context"]
+
+# Origin requests for home chunks the whole cluster keeps going, at least MIN_ORIGIN_SLOTS per
+# node (a blocked reader's request never waits).  Few, so that the origin sends chunks about in
+# file order and peers can pass each on as it lands: with 4 nodes on 200 Mbit/s links and each
+# node's read-ahead (32 chunks) all in flight at once, the chunk a reader waited for came last
+# (see p2p.schedule).  A node alone (or in a pair) may keep more going: latency, not order, then
+# limits it.
+CLUSTER_ORIGIN_REQUESTS = 8
+MIN_ORIGIN_SLOTS = 2
+
+
+def origin_slots(live_members: int) -> int:
+    """Concurrent origin fetches of home chunks for a node in a cluster of ``live_members``."""
+    return max(MIN_ORIGIN_SLOTS, CLUSTER_ORIGIN_REQUESTS // max(1, live_members))
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,17 +107,22 @@ class PeerTier:
         self.server = (
             PeerServer(config.listen, config.token, store, server_ssl_context(config)) if config.listen else None
         )
+        self.home: HomeFetches | None = None
 
     async def start(self, fetcher: ChunkFetcher) -> None:
-        self.source.attach(fetcher)
+        # One queue of origin fetches for the chunks this node is home for, whoever asks.
+        self.home = HomeFetches(fetcher, lambda: origin_slots(len(self.members.live())))
+        self.source.attach(fetcher, self.home)
         if self.server is not None:
-            await self.server.start(fetcher)
+            await self.server.start(fetcher, self.home)
         await self.members.start()
 
     async def aclose(self) -> None:
         await self.members.aclose()
         if self.server is not None:
             await self.server.aclose()
+        if self.home is not None:
+            self.home.aclose()
         await self.source.aclose()
 
     def statistics(self) -> PeerStatistics:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 from collections import Counter
 from pathlib import Path
@@ -11,10 +12,13 @@ import pytest
 
 from lazyfs.cli import _peer_config, build_parser
 from lazyfs.config import PeerConfig, parse_host_port
-from lazyfs.errors import UsageError
+from lazyfs.errors import DeadlineError, UsageError
+from lazyfs.fetch import Priority
 from p2p.membership import Membership, format_key, is_local_ip, system_resolver
 from p2p.placement import rank
-from p2p.protocol import digest_from_hex, token_matches
+from p2p.protocol import accepts_zstd, digest_from_hex, token_matches
+from p2p.schedule import HomeFetches, PrioritySlots, urgency
+from p2p.source import CpuGauge
 from p2p.tier import PeerTier
 
 DIGESTS = [os.urandom(32) for _ in range(6000)]
@@ -198,3 +202,122 @@ async def test_the_system_resolver_resolves_through_the_os() -> None:
     assert "127.0.0.1" in await system_resolver("localhost", 7070)
     with pytest.raises(OSError):
         await system_resolver("no-such-host.invalid", 7070)
+
+
+# --- scheduling: the most urgent work first, a few at a time -----------------------------------------
+
+
+async def test_priority_slots_admit_the_lowest_key_first_and_demand_never_waits() -> None:
+    slots = PrioritySlots(1)
+    order: list[int] = []
+
+    async def job(index: int, priority: Priority) -> None:
+        async with slots.hold(urgency(priority, index), bypass=priority is Priority.DEMAND):
+            order.append(index)
+            await asyncio.sleep(0.01)
+
+    first = asyncio.create_task(job(9, Priority.READAHEAD))  # takes the free slot
+    await asyncio.sleep(0)
+    rest = [asyncio.create_task(job(i, Priority.READAHEAD)) for i in (7, 3, 5)]
+    await asyncio.sleep(0)
+    demand = asyncio.create_task(job(8, Priority.DEMAND))
+    await asyncio.gather(first, demand, *rest)
+    assert order == [9, 8, 3, 5, 7]
+    assert slots.busy == 0 and slots.waiting == 0
+
+
+async def test_priority_slots_survive_cancelled_waiters() -> None:
+    slots = PrioritySlots(1)
+    await slots.acquire((1, 0))
+    waiter = asyncio.create_task(slots.acquire((1, 1)))
+    await asyncio.sleep(0)
+    waiter.cancel()
+    slots.release()  # the cancelled waiter must not keep the slot
+    await asyncio.sleep(0)
+    assert slots.busy == 0
+    await asyncio.wait_for(slots.acquire((1, 2)), 1)
+
+
+class FakeProvider:
+    """Chunks that take ``delay`` to fetch; records which fetches ran at once."""
+
+    def __init__(self, delay: float = 0.02) -> None:
+        self.delay = delay
+        self.started: list[int] = []
+        self.running = 0
+        self.most = 0
+        self.calls: list[tuple[int, bool]] = []
+
+    async def get(
+        self,
+        index: int,
+        priority: Priority = Priority.DEMAND,
+        deadline: float | None = None,
+        *,
+        use_sources: bool = True,
+    ) -> bytes:
+        self.calls.append((index, use_sources))
+        self.started.append(index)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.running -= 1
+        return bytes([index])
+
+
+async def test_home_fetches_run_a_few_at_a_time_in_file_order() -> None:
+    provider = FakeProvider()
+    home = HomeFetches(provider, 2)
+    deadline = asyncio.get_running_loop().time() + 10
+    got = await asyncio.gather(*(home.get(i, Priority.READAHEAD, deadline) for i in (10, 11, 5, 1, 7, 3)))
+    assert got == [bytes([i]) for i in (10, 11, 5, 1, 7, 3)]
+    assert provider.most == 2
+    assert provider.started == [10, 11, 1, 3, 5, 7]  # the first two at once, then by index
+    assert all(not use for _, use in provider.calls), "a fetch for a peer never asks peers"
+    # Fetched once: later asks skip the queue.
+    await home.get(5, Priority.READAHEAD, deadline)
+    home.aclose()
+
+
+async def test_home_fetches_let_demand_pass_and_own_reads_wait_their_turn() -> None:
+    provider = FakeProvider(delay=0.05)
+    home = HomeFetches(provider, 1)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    queued = [asyncio.create_task(home.get(i, Priority.READAHEAD, deadline)) for i in (1, 2, 3)]
+    await asyncio.sleep(0.01)
+    t = loop.time()
+    await home.get(3, Priority.DEMAND, deadline)  # promoted past 2, and past the busy slot
+    assert loop.time() - t < 0.09
+    turn = asyncio.create_task(home.turn(9, Priority.READAHEAD, deadline))
+    await asyncio.gather(*queued)
+    await asyncio.wait_for(turn, 1)
+    assert (9, True) in provider.calls, "this node's own flight is joined, not restarted without sources"
+    with pytest.raises(DeadlineError):
+        await home.get(20, Priority.READAHEAD, loop.time())
+    home.aclose()
+
+
+def test_zstd_negotiation() -> None:
+    assert accepts_zstd("zstd") and accepts_zstd("gzip, zstd;q=0.5") and accepts_zstd("ZSTD")
+    for header in (None, "", "gzip", "zstd;q=0", "zstdx", "zstd; q=0.0"):
+        assert not accepts_zstd(header), header
+
+
+def test_cpu_gauge_reads_the_machine_busy_fraction(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    now = [0.0]
+
+    def write(busy: int, idle: int) -> None:  # user nice system idle iowait irq softirq steal
+        stat.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 1 2 3 4\n")
+
+    write(100, 100)
+    gauge = CpuGauge(str(stat), clock=lambda: now[0])
+    assert gauge.busy() == 0.0  # one sample: nothing known yet
+    write(190, 110)
+    assert gauge.busy() == 0.0, "sampled at most every CPU_SAMPLE seconds"
+    now[0] += 1
+    assert gauge.busy() == pytest.approx(0.9)
+    assert CpuGauge(str(tmp_path / "missing")).busy() == 0.0
