@@ -25,7 +25,9 @@ Run as root (namespaces, mounts, drop_caches), from the repository root::
     .venv/bin/python bench/bench_loader.py [--dir /var/tmp/lazyfs-bench] [--size 2GiB] [--repeat 3]
 
 Prints the figures and replaces the ``bench_loader`` section of bench/RESULTS.md (``--no-write``
-leaves it alone).  The test data and the seeded origin are cached under ``--dir`` (shared with
+leaves it alone).  ``--cold-runs 0`` runs figure 2 only, without namespaces or nginx (the cache is
+filled with ``lazyfs prefetch`` from the ``file://`` origin), and writes nothing: for iterating on
+the warm path.  The test data and the seeded origin are cached under ``--dir`` (shared with
 bench_mount.py); mounts and caches of the run are removed at the end.
 """
 
@@ -39,6 +41,7 @@ import os
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -56,6 +59,7 @@ from bench.common import (
     Mount,
     drop_caches,
     ensure_weights,
+    lazyfs_argv,
     median,
     replace_section,
     resident_bytes,
@@ -193,7 +197,16 @@ class Bench:
         return self.topo.argv("client", argv)
 
     def mount(self, ref: str, cache: Path) -> Mount:
+        if self.topo is None:  # figure 2 only: no link to model, the daemon reads the origin directory
+            return Mount(f"file://{self.origin_dir.resolve()}", ref, self.fresh("mnt"), cache)
         return Mount(f"{self.url}/origin", ref, self.fresh("mnt"), cache, wrap=self.in_client)
+
+    def fill_cache(self, ref: str) -> Path:
+        """A cache holding every chunk of the model (what figure 1 leaves behind), via ``lazyfs prefetch``."""
+        cache = self.fresh("cache")
+        with self.mount(ref, cache) as m:
+            subprocess.run(lazyfs_argv("prefetch", str(m.mountpoint), "-q"), check=True, timeout=1800)
+        return cache
 
     # -------------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -206,6 +219,11 @@ class Bench:
         self.say(f"warming {a.warm_memory_gib:g} GiB of memory (a fresh VM's first touch is slow)")
         warm_memory(a.warm_memory_gib)
         self.check_drop_caches(weights)
+        if a.cold_runs <= 0:
+            self.notes.append("figure 1 not run (--cold-runs 0); the warm cache was filled with lazyfs prefetch "
+                              "from a file:// origin")
+            self.warm(ref, self.fill_cache(ref))
+            return
         # nginx serves the origin and, for the baseline download, the original file.
         www = self.fresh("www")
         (www / "origin").symlink_to(self.origin_dir.resolve())
@@ -420,7 +438,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--dir", default="/var/tmp/lazyfs-bench", help="test data, origin and per-run state")
     p.add_argument("--size", default="2GiB", help="size of the safetensors file (default 2GiB)")
     p.add_argument("--rate", type=float, default=1000.0, help="link rate in Mbit/s (default 1000)")
-    p.add_argument("--cold-runs", type=int, default=1, help="runs of figure 1 (median)")
+    p.add_argument("--cold-runs", type=int, default=1,
+                   help="runs of figure 1 (median); 0: only figure 2, without the network (implies --no-write)")
     p.add_argument("--repeat", type=int, default=3, help="runs of figure 2 (median)")
     p.add_argument("--quiet-limit", type=float, default=0.10,
                    help="before each timed section wait until the machine is at most this busy (default 0.10)")
@@ -452,7 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(line)
     for n in dict.fromkeys(bench.notes):
         print(f"- {n}")
-    if not args.no_write:
+    if not args.no_write and args.cold_runs > 0:  # never replace the stored figures with half of them
         command = ".venv/bin/python bench/bench_loader.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         write_results(args.results, bench, command.strip())
         print(f"\nwrote the bench_loader section of {args.results}", file=sys.stderr)
