@@ -74,6 +74,14 @@ MiB = 1024 * 1024
 # copies page cache to memory at ~5 GB/s, 16 threads at ~34 GB/s (DESIGN.md).  More threads than
 # cores buys nothing for memory copies, but a disk or a mount wants a deep queue: at least 4.
 DEFAULT_THREADS = min(16, max(4, os.cpu_count() or 1))
+# For a CUDA device the readers fill pinned buffers that the copy engine drains: on the H200 box
+# (16 CPUs) 8 threads beat 16 and 32 in every sweep (33 vs 30 GB/s; bench/RESULTS.md, gpu_check).
+DEFAULT_CUDA_THREADS = min(8, DEFAULT_THREADS)
+
+
+def default_threads(device: torch.device) -> int:
+    """The reader threads a load uses when the caller does not say."""
+    return DEFAULT_CUDA_THREADS if device.type == "cuda" else DEFAULT_THREADS
 # Pinned ring for CUDA: 16 buffers of one read unit (16 MiB) each, so 16 reader threads each
 # fill one while the copy engine drains another.  Pinning costs ~0.6 s/GiB, so the ring is
 # allocated once per process and reused (free_pinned_memory() gives it back).
@@ -507,7 +515,7 @@ def iter_tensors(
     device: str | torch.device = "cpu",
     *,
     keys: Iterable[str] | None = None,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     pinned_bytes: int = DEFAULT_PINNED_BYTES,
     fast_path: bool = True,
     progress: bool = False,
@@ -517,7 +525,8 @@ def iter_tensors(
     ``path``: a ``.safetensors`` file, a directory (its ``*.safetensors.index.json``, else
     every ``*.safetensors`` in it), or a ``model.safetensors.index.json``.  ``keys``: only
     these tensors (a missing key is a :class:`LoaderError`, raised before any tensor byte
-    is read).  ``threads``: parallel reads.  ``pinned_bytes``: the host ring for device
+    is read).  ``threads``: parallel reads (default: 8 for CUDA, else up to 16 by CPU count,
+    at least 4).  ``pinned_bytes``: the host ring for device
     copies.  ``fast_path``: on a lazyfs mount, read verified chunks straight from its
     cache.  ``progress``: a progress bar on stderr.
 
@@ -525,6 +534,8 @@ def iter_tensors(
     headers are validated as untrusted input (:class:`HeaderError`).
     """
     dev = torch.device(device)
+    if threads is None:
+        threads = default_threads(dev)
     if threads < 1:
         raise UsageError("threads must be at least 1")
     if isinstance(keys, str):
@@ -609,7 +620,7 @@ def load_file(
     device: str | torch.device = "cpu",
     *,
     keys: Iterable[str] | None = None,
-    threads: int = DEFAULT_THREADS,
+    threads: int | None = None,
     pinned_bytes: int = DEFAULT_PINNED_BYTES,
     fast_path: bool = True,
     progress: bool = False,
@@ -719,7 +730,9 @@ class safe_open:  # the name safetensors users know
             raise LoaderError(f"{self.path}: no tensor named {name!r}") from None
 
     def _load(self, infos: Sequence[TensorInfo]) -> list[torch.Tensor]:
-        got = dict(_Pipeline(self._source, infos, self.device, DEFAULT_THREADS, DEFAULT_PINNED_BYTES).run())
+        got = dict(
+            _Pipeline(self._source, infos, self.device, default_threads(self.device), DEFAULT_PINNED_BYTES).run()
+        )
         return [got[i.name] for i in infos]
 
     def get_tensor(self, name: str) -> torch.Tensor:

@@ -631,3 +631,12 @@ def test_loader_without_daemon_dependencies_and_gpu_check_dry_run(mixed: Path, t
     assert "lazyfs.loader.load_file" in out.stdout and "safetensors.torch.load_file" in out.stdout
     assert "equal: yes" in out.stdout
     assert "imported []" in out.stdout
+
+
+def test_default_reader_threads_by_device() -> None:
+    """CUDA loads use at most 8 readers (faster than 16 on the 16-CPU H200 box); CPU loads one per CPU, 4-16."""
+    from lazyfs.loader import api
+
+    cpus = os.cpu_count() or 1
+    assert api.default_threads(torch.device("cpu")) == min(16, max(4, cpus))
+    assert api.default_threads(torch.device("cuda", 0)) == min(8, min(16, max(4, cpus)))
