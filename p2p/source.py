@@ -214,7 +214,10 @@ class PeerSource:
                         return self._failed(key, "HTTP 401 (token refused)")
                     if resp.status != 200:
                         return self._failed(key, f"HTTP {resp.status}")
-                    packed = resp.headers.get("Content-Encoding", "").lower() == protocol.ZSTD
+                    encoding = resp.headers.get("Content-Encoding", "").lower()
+                    packed = encoding == protocol.ZSTD
+                    if encoding and not (packed and "Accept-Encoding" in headers):
+                        return self._bad(key, f"Content-Encoding {encoding!r}, which this node did not offer")
                     if packed:
                         # Compressed: the body is at most the chunk (the server sends it raw otherwise).
                         length = resp.content_length
@@ -240,13 +243,17 @@ class PeerSource:
                 body = await asyncio.to_thread(_unpack, chunk, body)
             data = await verify(chunk, body)
         except IntegrityError as exc:
-            self.bad_chunks += 1
-            self.members.sent_bad(key, str(exc))
-            return _Answer.FAILED
+            return self._bad(key, str(exc))
         trace.event("got", d=chunk.digest.hex()[:12], peer=key, dt=round(loop.time() - t0, 4))
         self.bytes_received += len(data)
         self.members.succeeded(key, len(data))
         return data
+
+    def _bad(self, key: str, reason: str) -> _Answer:
+        """The peer broke the protocol or sent bytes that are not the chunk: hold it as bad."""
+        self.bad_chunks += 1
+        self.members.sent_bad(key, reason)
+        return _Answer.FAILED
 
     def _failed(self, key: str, reason: str) -> _Answer:
         self.errors += 1
@@ -255,11 +262,20 @@ class PeerSource:
 
 
 def _unpack(chunk: Chunk, packed: bytes) -> bytes:
-    """A compressed answer's chunk bytes (still to be verified); IntegrityError for bad data."""
+    """A compressed answer's chunk bytes (still to be verified); IntegrityError for bad data.
+
+    The frame is untrusted: zstandard honours ``max_output_size`` only for frames that do not
+    declare their size, and allocates whatever size a frame declares.  So a declared size must
+    be the chunk's own before anything is decompressed (a 17-byte frame can declare 2^50 bytes).
+    """
+    name = chunk.digest.hex()[:16]
     try:
+        declared = zstandard.frame_content_size(packed)
+        if declared not in (-1, chunk.size):
+            raise IntegrityError(f"chunk {name}: a peer's zstd frame declares {declared} bytes, not {chunk.size}")
         raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=chunk.size)
-    except zstandard.ZstdError as exc:
-        raise IntegrityError(f"chunk {chunk.digest.hex()[:16]}: bad zstd data from a peer: {exc}") from exc
+    except (zstandard.ZstdError, MemoryError) as exc:
+        raise IntegrityError(f"chunk {name}: bad zstd data from a peer: {exc}") from exc
     if len(raw) != chunk.size:
-        raise IntegrityError(f"chunk {chunk.digest.hex()[:16]}: {len(raw)} bytes decompressed, not {chunk.size}")
+        raise IntegrityError(f"chunk {name}: {len(raw)} bytes decompressed, not {chunk.size}")
     return raw

@@ -42,7 +42,16 @@ KiB = 1024
 CHUNK = 64 * KiB
 TOKEN = b"cluster-secret-for-tests"
 
+ZSTD_MAGIC = (0xFD2FB528).to_bytes(4, "little")
+
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(autouse=True)
+def always_offer_zstd(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Peers ask for compressed replies only while the machine has CPU to spare; a test machine
+    busy with other tests must not change what these tests see, so they always ask."""
+    monkeypatch.setattr("p2p.source.ZSTD_BUSY_LIMIT", 2.0)  # busy() is a fraction <= 1
 
 
 def free_port() -> int:
@@ -205,8 +214,14 @@ async def forged_server(port: int, m: Manifest, packed: str = "") -> web.AppRunn
         body = os.urandom(sizes.get(request.match_info["digest"], CHUNK))
         if not packed:
             return web.Response(body=body)
-        # A well-formed frame of the wrong bytes (zeros), or half the right length of no frame at all.
-        body = zstandard.ZstdCompressor().compress(bytes(len(body))) if packed == "frame" else body[: len(body) // 2]
+        if packed == "frame":  # a well-formed frame of the wrong bytes (zeros)
+            body = zstandard.ZstdCompressor().compress(bytes(len(body)))
+        elif packed == "oversize":  # a small, well-formed frame of 64 times the chunk's size
+            body = zstandard.ZstdCompressor().compress(bytes(64 * len(body)))
+        elif packed == "bomb":  # 17 bytes declaring a 2^50-byte frame (zstandard would allocate it)
+            body = ZSTD_MAGIC + bytes([0xE0]) + (1 << 50).to_bytes(8, "little") + bytes([1, 0, 0])
+        else:  # half the right length of no frame at all
+            body = body[: len(body) // 2]
         return web.Response(body=body, headers={"Content-Encoding": "zstd"})
 
     app = web.Application()
@@ -218,7 +233,11 @@ async def forged_server(port: int, m: Manifest, packed: str = "") -> web.AppRunn
 
 
 @pytest.mark.allow_warnings
-@pytest.mark.parametrize("packed", ["", "frame", "garbage"], ids=["raw", "zstd-frame", "zstd-garbage"])
+@pytest.mark.parametrize(
+    "packed",
+    ["", "frame", "garbage", "oversize", "bomb"],
+    ids=["raw", "zstd-frame", "zstd-garbage", "zstd-oversize", "zstd-bomb"],
+)
 async def test_a_peer_forging_bytes_is_never_believed_and_is_marked_bad(
     cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]], packed: str
 ) -> None:
@@ -233,8 +252,10 @@ async def test_a_peer_forging_bytes_is_never_believed_and_is_marked_bad(
         evil_key = f"127.0.0.1:{evil_port}"
         assert st.bad_chunks >= 1 and st.per_peer_bad[evil_key] == st.bad_chunks
         assert a.tier.members.state(evil_key) == "bad"
-        # Bytes that are not zstd at all are refused before the fetcher's verifier sees them.
-        assert a.fetcher.statistics().verify_failures == (0 if packed == "garbage" else st.bad_chunks)
+        # Frames that are not zstd, or that declare another size than the chunk's, are refused
+        # before anything is decompressed or the fetcher's verifier sees them.
+        refused_early = packed in ("garbage", "oversize", "bomb")
+        assert a.fetcher.statistics().verify_failures == (0 if refused_early else st.bad_chunks)
         assert cached_chunks_are_genuine(a, m) == len({c.digest for c in m.chunks})
         # What a caches and serves onward is the real thing: b, asking a, gets genuine bytes.
         b = await cluster.start(origin, f"127.0.0.1:{b_port}", [*peers, f"127.0.0.1:{b_port}"])
