@@ -41,8 +41,10 @@ Key = tuple[int, int]
 
 
 def urgency(priority: Priority, index: int) -> Key:
-    """Sort key of a piece of work: demand first, then file order (lower chunk index)."""
-    return (0 if priority is Priority.DEMAND else 1, index)
+    """Sort key of a piece of work: demand, then read-ahead, then background (warming); within
+    each, file order (lower chunk index).  A node warming its cache never queues ahead of another
+    node's read-ahead."""
+    return (int(priority), index)
 
 
 class PrioritySlots:
@@ -150,8 +152,8 @@ class HomeFetches:
         loop = asyncio.get_running_loop()
         e.done = loop.create_future()
         e.admitted.set()
-        trace.event("admit", i=e.index, prio=int(e.priority), own=e.own, busy=self.slots.busy)
         try:
+            trace.event("admit", i=e.index, prio=int(e.priority), own=e.own, busy=self.slots.busy)
             # Joining this node's own flight must not stop it asking peers for cached copies
             # should the origin fail; a flight started here must never ask peers (see server).
             data = await self.provider.get(e.index, e.priority, use_sources=e.own)
@@ -195,4 +197,11 @@ class HomeFetches:
         for e in list(self._entries.values()):
             if e.task is not None:
                 e.task.cancel()
+            if not e.admitted.is_set():
+                # Still queued: its waiters learn now, not at their deadlines.
+                closed = asyncio.get_running_loop().create_future()
+                closed.set_exception(LazyfsError(f"chunk {e.index}: the peer tier is closing"))
+                closed.exception()  # nobody may be waiting
+                e.done = closed
+                e.admitted.set()
         self._entries.clear()

@@ -38,6 +38,9 @@ SEND_SLOTS = 2
 # Bytes written per step of a reply (the writer drains between steps: a slot is held while the
 # chunk actually leaves, not just while it is copied into a buffer).
 SEND_PIECE = 256 * 1024
+# After the asker's deadline a reply is abandoned (the slot freed, the connection aborted); the grace
+# covers clock skew between the two sides' event loops and the last piece in flight.
+SEND_GRACE = 1.0
 # Replies are zstd-compressed for askers that accept it (protocol.accepts_zstd) when the seeder
 # stored the chunk compressed: the origin sent it compressed, and a peer link should not carry
 # more than the origin link did (bf16 weights: 0.78x, i.e. 22 % less time on a network-bound link).
@@ -187,11 +190,20 @@ class PeerServer:
         resp = web.StreamResponse(status=status, headers=headers)
         resp.content_length = len(body)
         try:
-            await resp.prepare(request)
-            for pos in range(0, len(body), SEND_PIECE):
-                await resp.write(body[pos : pos + SEND_PIECE])
-            await resp.write_eof()
+            # The asker stops waiting at the deadline (its own timeout): an asker that stopped
+            # reading without closing (a frozen host, a partition) must not hold a send slot until
+            # TCP gives up, ~15 minutes later.
+            async with asyncio.timeout_at(deadline + SEND_GRACE):
+                await resp.prepare(request)
+                for pos in range(0, len(body), SEND_PIECE):
+                    await resp.write(body[pos : pos + SEND_PIECE])
+                await resp.write_eof()
         except ConnectionError:  # the asker gave up (its timeout) and closed the connection
+            return resp
+        except TimeoutError:
+            self.counters.server_errors += 1
+            if request.transport is not None:
+                request.transport.abort()  # a half-sent body: the connection cannot be reused
             return resp
         finally:
             self._send.release()

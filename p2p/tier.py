@@ -119,10 +119,10 @@ class PeerTier:
 
     async def aclose(self) -> None:
         await self.members.aclose()
+        if self.home is not None:
+            self.home.aclose()  # first: requests queued for an origin slot end now, not at their deadline
         if self.server is not None:
             await self.server.aclose()
-        if self.home is not None:
-            self.home.aclose()
         await self.source.aclose()
 
     def statistics(self) -> PeerStatistics:

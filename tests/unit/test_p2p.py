@@ -12,7 +12,7 @@ import pytest
 
 from lazyfs.cli import _peer_config, build_parser
 from lazyfs.config import PeerConfig, parse_host_port
-from lazyfs.errors import DeadlineError, UsageError
+from lazyfs.errors import DeadlineError, LazyfsError, UsageError
 from lazyfs.fetch import Priority
 from p2p.membership import Membership, format_key, is_local_ip, system_resolver
 from p2p.placement import rank
@@ -299,6 +299,41 @@ async def test_home_fetches_let_demand_pass_and_own_reads_wait_their_turn() -> N
         await home.get(20, Priority.READAHEAD, loop.time())
     home.aclose()
 
+
+
+async def test_home_fetches_order_demand_readahead_background() -> None:
+    """Warming (BACKGROUND) never queues ahead of read-ahead, whatever the chunk index."""
+    provider = FakeProvider()
+    home = HomeFetches(provider, 1)
+    deadline = asyncio.get_running_loop().time() + 10
+    first = asyncio.create_task(home.get(0, Priority.READAHEAD, deadline))  # takes the one slot
+    await asyncio.sleep(0)
+    rest = [
+        asyncio.create_task(home.get(i, p, deadline))
+        for i, p in ((1, Priority.BACKGROUND), (2, Priority.BACKGROUND), (50, Priority.READAHEAD))
+    ]
+    await asyncio.gather(first, *rest)
+    assert provider.started == [0, 50, 1, 2]
+    assert urgency(Priority.DEMAND, 99) < urgency(Priority.READAHEAD, 0) < urgency(Priority.BACKGROUND, 0)
+    home.aclose()
+
+
+async def test_home_fetches_close_fails_queued_askers_at_once() -> None:
+    provider = FakeProvider(delay=0.5)
+    home = HomeFetches(provider, 1)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 30
+    running = asyncio.create_task(home.get(1, Priority.READAHEAD, deadline))
+    queued = asyncio.create_task(home.get(2, Priority.READAHEAD, deadline))
+    turn = asyncio.create_task(home.turn(3, Priority.READAHEAD, deadline))
+    await asyncio.sleep(0.05)
+    t = loop.time()
+    home.aclose()
+    for task in (running, queued):
+        with pytest.raises(LazyfsError):
+            await asyncio.wait_for(task, 2)
+    await asyncio.wait_for(turn, 2)  # released: the fetcher goes its own way
+    assert loop.time() - t < 1.0, "queued askers waited for their deadline"
 
 def test_zstd_negotiation() -> None:
     assert accepts_zstd("zstd") and accepts_zstd("gzip, zstd;q=0.5") and accepts_zstd("ZSTD")
