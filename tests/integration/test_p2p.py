@@ -518,3 +518,55 @@ async def test_two_peers_asking_each_other_at_once_never_wait_on_each_other(
     for n in (a, b):
         assert n.tier.statistics().errors == 0
         assert all(p["state"] in ("ok", "self") for p in n.tier.status()["peers"].values())
+
+
+async def test_an_asker_that_stops_reading_does_not_hold_a_send_slot(tmp_path: Path) -> None:
+    """Two askers that stop reading mid-reply without closing (a frozen host) take both send
+    slots; at their deadline (plus SEND_GRACE) the replies are abandoned and their connections
+    aborted, so a third asker is served well before TCP would give up on them."""
+    from p2p.server import SEND_GRACE, SEND_SLOTS
+
+    big = 8 * 1024 * KiB  # larger than loopback's socket buffers: a reply blocks when nobody reads
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "weights").write_bytes(os.urandom(3 * big))
+    origin = MemoryOrigin()
+    m = (await seed(src, origin, parse_ref("big:1"), SeedConfig(chunk_size=big, pack_size=4 * big))).manifest
+    c = Cluster(tmp_path, m)
+    port = free_port()
+    key = f"127.0.0.1:{port}"
+    stuck: list[socket.socket] = []
+    try:
+        node = await c.start(origin, key, [key])
+        await node.read_all(m)  # cached: replies come from the store at once
+        digest = m.chunks[0].digest.hex()
+        request = (
+            f"GET /v1/chunks/{digest} HTTP/1.1\r\nHost: {key}\r\nAuthorization: Bearer {TOKEN.decode()}\r\n"
+            f"X-Lazyfs-Priority: 1\r\nX-Lazyfs-Timeout: 0.5\r\n\r\n"
+        ).encode()
+        loop = asyncio.get_running_loop()
+        for _ in range(SEND_SLOTS):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a tiny window, never read
+            s.setblocking(False)
+            await loop.sock_connect(s, ("127.0.0.1", port))
+            await loop.sock_sendall(s, request)
+            stuck.append(s)
+        await asyncio.sleep(0.2)  # both replies started and blocked
+        t0 = loop.time()
+        headers = {"Authorization": f"Bearer {TOKEN.decode()}", "X-Lazyfs-Priority": "1", "X-Lazyfs-Timeout": "30"}
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://{key}/v1/chunks/{digest}", headers=headers) as resp,
+        ):
+            assert resp.status == 200
+            body = await resp.read()
+        waited = loop.time() - t0
+        assert blake3.blake3(body).digest() == m.chunks[0].digest
+        assert waited < 0.5 + SEND_GRACE + 2.0, f"served after {waited:.1f} s: the stuck replies held the slots"
+        assert node.tier.server is not None and node.tier.server.counters.server_errors >= SEND_SLOTS
+    finally:
+        for sock in stuck:
+            sock.close()
+        await c.close()
+        await origin.aclose()
