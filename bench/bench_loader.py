@@ -233,7 +233,7 @@ class Bench:
             self.topo = topo
             self.url = start_nginx(lambda argv: topo.spawn("origin", argv),
                                    lambda argv: topo.run("client", argv, check=False, timeout=10),
-                                   www, self.fresh("nginx"), topo.origin_addr)
+                                   www, self.fresh("nginx"), topo.origin_addr).url
             self.notes.append(f"origin: nginx in netns {topo.origin}, daemon in netns {topo.client}; tbf "
                               f"{a.rate:g} Mbit/s both ways (burst {spec.burst_bytes // 1024} KiB, "
                               f"latency {spec.latency_ms:g} ms)")

@@ -438,7 +438,7 @@ class Bench:
             self.topo = topo
             self.url = start_nginx(lambda argv: topo.spawn("origin", argv),
                                    lambda argv: topo.run("client", argv, check=False, timeout=10),
-                                   self.origin_dir, self.fresh("nginx"), topo.origin_addr)
+                                   self.origin_dir, self.fresh("nginx"), topo.origin_addr).url
             self.notes.append(f"origin: nginx in netns {topo.origin} at {self.url}; daemon in netns "
                               f"{topo.client} (nsenter --net: its mount is visible to the host); "
                               f"tbf {a.rate:g} Mbit/s both ways, burst {spec.burst_bytes // 1024} KiB, "

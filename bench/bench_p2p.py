@@ -65,10 +65,10 @@ from bench.common import (
     cpu_times,
     drop_caches,
     ensure_weights,
-    launch_nginx,
     median,
     replace_section,
     seed_once,
+    start_nginx,
     unmount_all,
     wait_quiet,
     warm_memory,
@@ -205,11 +205,11 @@ class Nginx:
         return sum(proc_cpu(p) for p in [self.proc.pid, *children_of(self.proc.pid)])
 
 
-def start_nginx(spawn: Callable[[list[str]], subprocess.Popen[bytes]], root: Path, workdir: Path, addr: str,
-                port: int, probe: Callable[[list[str]], subprocess.CompletedProcess[str]]) -> Nginx:
+def counting_nginx(spawn: Callable[[list[str]], subprocess.Popen[bytes]], root: Path, workdir: Path, addr: str,
+                   port: int, probe: Callable[[list[str]], subprocess.CompletedProcess[str]]) -> Nginx:
     """nginx (one worker, sendfile) serving ``root`` on ``addr:port`` with a byte-counting access log."""
     log = workdir / "access.log"
-    proc, url = launch_nginx(spawn, probe, root, workdir, addr, port, access_log=log)
+    proc, url = start_nginx(spawn, probe, root, workdir, addr, port, access_log=log)
     return Nginx(proc, url, log)
 
 
@@ -506,9 +506,9 @@ class Bench:
                          link, tcp)
 
     def cluster_nginx(self, cl: Cluster) -> Nginx:
-        return start_nginx(lambda argv: cl.spawn("origin", argv), self.origin_dir, self.fresh("nginx"),
-                           cl.address("origin"), 80,
-                           lambda argv: cl.run("node0", argv, check=False, timeout=10))
+        return counting_nginx(lambda argv: cl.spawn("origin", argv), self.origin_dir, self.fresh("nginx"),
+                              cl.address("origin"), 80,
+                              lambda argv: cl.run("node0", argv, check=False, timeout=10))
 
     # figure 2 ---------------------------------------------------------------------------------------
     def loopback(self, model: Model) -> None:
@@ -522,7 +522,7 @@ class Bench:
         def probe(argv: list[str]) -> subprocess.CompletedProcess[str]:
             return subprocess.run(argv, capture_output=True, text=True, timeout=10, check=False)
 
-        nginx = start_nginx(spawn, self.origin_dir, self.fresh("nginx"), "127.0.0.1", free_port(), probe)
+        nginx = counting_nginx(spawn, self.origin_dir, self.fresh("nginx"), "127.0.0.1", free_port(), probe)
         try:
             specs = [NodeSpec(f"l{i}", list, f"127.0.0.1:{free_port()}") for i in range(a.loopback_nodes)]
             runs: dict[bool, list[RunResult]] = {False: [], True: []}

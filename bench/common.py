@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 
@@ -38,11 +38,11 @@ __all__ = [
     "GiB",
     "MiB",
     "Mount",
+    "NginxProcess",
     "cpu_times",
     "drop_caches",
     "ensure_tree",
     "ensure_weights",
-    "launch_nginx",
     "lazyfs_argv",
     "machine_busy",
     "median",
@@ -404,6 +404,11 @@ http {{
 """
 
 
+class NginxProcess(NamedTuple):
+    proc: subprocess.Popen[bytes]
+    url: str
+
+
 def start_nginx(
     spawn: Callable[[list[str]], subprocess.Popen[bytes]],
     probe: Callable[[list[str]], subprocess.CompletedProcess[str]],
@@ -411,25 +416,13 @@ def start_nginx(
     workdir: Path,
     addr: str,
     port: int = 80,
-) -> str:
+    access_log: Path | None = None,
+) -> NginxProcess:
     """Start nginx serving ``root`` on ``addr:port`` through ``spawn`` (e.g. ``Topology.spawn`` on
     the origin side); waits (bounded) until ``probe`` (a curl run on the client side) gets an answer.
-    Returns the base URL.  The caller owns the process (a Topology stops it on close).
+    ``access_log`` logs ``$body_bytes_sent $bytes_sent $status`` per request (a benchmark's count of
+    origin egress).  The caller owns the process (a Topology stops it on close).
     """
-    return launch_nginx(spawn, probe, root, workdir, addr, port)[1]
-
-
-def launch_nginx(
-    spawn: Callable[[list[str]], subprocess.Popen[bytes]],
-    probe: Callable[[list[str]], subprocess.CompletedProcess[str]],
-    root: Path,
-    workdir: Path,
-    addr: str,
-    port: int = 80,
-    access_log: Path | None = None,
-) -> tuple[subprocess.Popen[bytes], str]:
-    """:func:`start_nginx` returning the process too; ``access_log`` logs ``$body_bytes_sent
-    $bytes_sent $status`` per request (a benchmark's count of origin egress)."""
     workdir.mkdir(parents=True, exist_ok=True)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (workdir / kind).mkdir(exist_ok=True)
@@ -442,7 +435,7 @@ def launch_nginx(
             raise RuntimeError(f"nginx exited ({proc.returncode}): {(workdir / 'error.log').read_text()[-2000:]}")
         res = probe(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "-m", "2", url + "/"])
         if res.stdout.strip() not in ("", "000"):
-            return proc, url
+            return NginxProcess(proc, url)
         time.sleep(0.1)
     raise RuntimeError("nginx did not answer within 10 s")
 
