@@ -412,7 +412,6 @@ def mount_stage(ctx: Context) -> None:
               "carry them as wheels (DESIGN.md, GPU checks)")
         ctx.figures["mount"] = {"error": f"missing {missing}"}
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from bench.common import Mount, seed_once
 
     device, size, path = ctx.device, ctx.size, ctx.path
