@@ -248,15 +248,21 @@ def _control_app(m: MountedFs) -> web.Application:
     async def plan(request: web.Request) -> web.StreamResponse:
         """The loader's read plan: fetch a file's chunks in the given order, report cache paths.
 
-        Body: ``{"path": "rel/path", "ranges": [[start, end], ...]}``.  Answer (NDJSON):
-        ``{"chunk_size": N}``, then per chunk in plan order ``{"chunk": k, "path": P}``
+        Body: ``{"path": "rel/path", "ranges": [[start, end], ...], "verify": "xxh3"}``.  Answer
+        (NDJSON): ``{"chunk_size": N}``, then per chunk in plan order ``{"chunk": k, "path": P}``
         (``P`` null: read it through the mount) or ``{"chunk": k, "error": "..."}``.
+
+        With ``"verify": "xxh3"`` the loader checks what it reads: a chunk file this process
+        has not checked yet is reported at once with ``"xxh3": "<16 hex digits>"``, the
+        checksum its bytes must have, instead of being read here first.  Without it (or for
+        a chunk fetched or checked by this process) the reported file is already checked.
         """
         try:
             body = await request.json()
             rel = os.fsencode(str(body["path"])).strip(b"/")
             ranges = [(int(a), int(b)) for a, b in body["ranges"]]
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as exc:
+            client_checks = body.get("verify") == "xxh3"
+        except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
         entry = m.manifest.entry(rel)
         if entry is None or m.manifest.resolve(entry).type.name != "REG":
@@ -274,22 +280,31 @@ def _control_app(m: MountedFs) -> web.Application:
         await resp.prepare(request)
         await resp.write(json.dumps({"chunk_size": cs}).encode() + b"\n")
 
-        def cached(index: int) -> str | None:
+        def cached(index: int) -> dict[str, str | None] | None:
+            digest = m.manifest.chunks[index].digest
             try:
-                found = m.store.path_of(m.manifest.chunks[index].digest)
+                if client_checks:
+                    located = m.store.locate(digest)
+                    if located is None:
+                        return None
+                    path, checksum = located
+                    if checksum is not None:
+                        return {"path": str(path), "xxh3": f"{checksum:016x}"}
+                    return {"path": str(path)}
+                found = m.store.path_of(digest)
             except Exception as exc:  # a broken cache is a miss, never a crash
                 log.warning("cache lookup of chunk %d failed: %s", index, exc)
                 return None
-            return None if found is None else str(found)
+            return None if found is None else {"path": str(found)}
 
         async def one(k: int) -> bytes:
             try:
                 # A chunk already in the cache is reported at once: the loader reads the file, so
                 # pulling it through the fetcher (a 4 MiB copy into fresh memory) would be waste.
-                path = await asyncio.to_thread(cached, entry.chunks[k])
-                if path is None:
-                    path = await m.fetcher.cached_path(entry.chunks[k])
-                return json.dumps({"chunk": k, "path": path}).encode() + b"\n"
+                answer = await asyncio.to_thread(cached, entry.chunks[k])
+                if answer is None:
+                    answer = {"path": await m.fetcher.cached_path(entry.chunks[k])}
+                return json.dumps({"chunk": k, **answer}).encode() + b"\n"
             except LazyfsError as exc:
                 return json.dumps({"chunk": k, "error": str(exc)}).encode() + b"\n"
 

@@ -147,6 +147,8 @@ class LoadStatistics:
     first_tensor_seconds: float  # until the first tensor was yielded (headers included)
     chunks_from_cache: int  # fast path: chunks read straight from the lazyfs cache
     chunks_from_mount: int  # fast path: chunks the daemon could not cache, read through the mount
+    chunks_checked: int = 0  # of chunks_from_cache: checked by the loader (the daemon had not read them)
+    chunks_mismatched: int = 0  # cache files whose bytes failed that check (read through the mount)
 
     @property
     def gbps(self) -> float:
@@ -351,7 +353,10 @@ class _Pipeline:
         self.device = device
         self.threads = threads
         self.pinned_bytes = pinned_bytes
-        self.units = plan_reads(self.infos, max_read=RING_BUFFER)
+        # From the lazyfs cache, units cut at chunk boundaries let one reader check each chunk whole.
+        reader = source.reader
+        align = reader.chunk_size if isinstance(reader, CacheReader) else 0
+        self.units = plan_reads(self.infos, max_read=RING_BUFFER, align=align)
         self.remaining = [t.nbytes for t in self.infos]
         self.outs = [
             torch.empty(_torch_shape(t, source.path), dtype=_torch_dtype(t, source.path), device=device)
@@ -593,6 +598,8 @@ def iter_tensors(
             first_tensor_seconds=first,
             chunks_from_cache=sum(r.chunks_from_cache for r in readers),
             chunks_from_mount=sum(r.chunks_from_mount for r in readers),
+            chunks_checked=sum(r.chunks_checked for r in readers),
+            chunks_mismatched=sum(r.chunks_mismatched for r in readers),
         )
         _last_stats[0] = stats
         log.info(

@@ -6,6 +6,11 @@ ranges of at least ``min_read`` bytes (small tensors are batched), at most
 and, on a GPU, every host-to-device copy is large enough not to be
 launch-bound.  A unit lists its *pieces*: which slice of which tensor each part
 of the unit fills.
+
+With ``align`` (the lazyfs chunk size, when the loader reads from the cache),
+units are cut only at multiples of ``align`` (or where the wanted bytes stop), so
+one reader reads each chunk whole and can check it in one go; otherwise a unit
+ends where a tensor ends once it holds ``min_read`` bytes.
 """
 
 from __future__ import annotations
@@ -47,12 +52,15 @@ class ReadUnit:
 
 
 def plan_reads(
-    tensors: Sequence[TensorInfo], min_read: int = MIN_READ, max_read: int = MAX_READ, max_gap: int = MAX_GAP
+    tensors: Sequence[TensorInfo],
+    min_read: int = MIN_READ,
+    max_read: int = MAX_READ,
+    max_gap: int = MAX_GAP,
+    align: int = 0,
 ) -> list[ReadUnit]:
     """Units covering every byte of ``tensors`` (given in file order), in file order."""
     units: list[ReadUnit] = []
-    start = -1
-    end = -1
+    start = end = limit = -1
     pieces: list[Piece] = []
 
     def flush() -> None:
@@ -62,24 +70,37 @@ def plan_reads(
         pieces = []
         start = -1
 
+    def open_unit(at: int) -> None:
+        nonlocal start, end, limit
+        start = end = at
+        limit = at + max_read
+        if align and limit % align and limit - limit % align > at:
+            limit -= limit % align  # the last chunk boundary within reach
+
     for ti, t in enumerate(tensors):
         if t.nbytes == 0:
             continue
-        if pieces and (t.start - end > max_gap or t.start < end or end - start >= min_read):
+        if pieces and (t.start - end > max_gap or t.start < end):
             flush()
+        elif pieces and end - start >= min_read:
+            # Big enough: end the unit with the tensor before, or (aligned) at the chunk boundary after it.
+            boundary = end if not align or end % align == 0 else end + align - end % align
+            if boundary - start > max_read or boundary == end:
+                flush()
+            else:
+                limit = min(limit, boundary)
         off = 0
         while off < t.nbytes:
             if not pieces:
-                start = end = t.start + off
-            room = max_read - (t.start + off - start)
-            if room <= 0:
+                open_unit(t.start + off)
+            elif limit <= t.start + off:  # the unit's boundary fell in the gap before this tensor
                 flush()
                 continue
-            n = min(room, t.nbytes - off)
+            n = min(limit - (t.start + off), t.nbytes - off)
             pieces.append(Piece(ti, off, t.start + off - start, n))
             end = t.start + off + n
             off += n
-            if end - start >= max_read:
+            if end >= limit:
                 flush()
     flush()
     return units

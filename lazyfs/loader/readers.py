@@ -9,10 +9,17 @@ read — never mmap, whose 4 KiB page faults crawl through FUSE.
 read plan (byte ranges in the order it will consume them) to the mount's daemon
 over the control socket; the daemon fetches the chunks in that order (tiers,
 verification and caching as for any read) and streams back, for each chunk, the
-path of its verified raw file in the local cache once it is there.  Reader
-threads wait for the chunks a range needs and ``pread`` them straight from the
-cache files, bypassing FUSE.  A chunk the daemon could not cache (or a cache
-file evicted meanwhile) is read through the mount instead.
+path of its raw file in the local cache once it is there.  Reader threads wait
+for the chunks a range needs and ``pread`` them straight from the cache files,
+bypassing FUSE.  A chunk the daemon could not cache (or a cache file evicted
+meanwhile) is read through the mount instead.
+
+A cache file the daemon has not read since it started comes with the xxh3 its
+bytes must have (the cache's local integrity check) rather than being read by
+the daemon first: the reader checks the whole chunk as it copies it, and reads a
+chunk whose bytes do not match through the mount, where the daemon finds the
+torn file, drops it and fetches the chunk again.  One pass over the bytes instead
+of two: the daemon's check was a second full copy of every chunk.
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import xxhash
+
 from lazyfs.loader.errors import LoaderIOError
 from lazyfs.loader.header import Header, read_header, read_header_with
 
@@ -39,6 +48,15 @@ log = logging.getLogger("lazyfs.loader")
 CONTROL_XATTR = "user.lazyfs.control"
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
 IOV_MAX = 1024
+
+# What the daemon says about one chunk: (cache file path or None for "read it through the
+# mount", the xxh3 the reader must check or None when the daemon has checked the file).
+Located = tuple[str | None, int | None]
+_VIA_MOUNT: Located = (None, None)
+
+
+class _ChecksumMismatch(Exception):
+    """A cache file's bytes do not match the xxh3 the daemon gave."""
 
 
 class RangeReader(Protocol):
@@ -144,22 +162,26 @@ class CacheReader:
         self.socket_path = socket_path
         self.timeout = timeout
         self.chunk_size = 0
-        self._ready: dict[int, str | None] = {}  # chunk number -> cache path (None: read via the mount)
+        self._ready: dict[int, Located] = {}  # chunk number -> where to read it
         self._errors: dict[int, str] = {}
         self._done = False
         self._cancelled = False
         self._cond = threading.Condition()
         self._fds: dict[str, int] = {}
+        self._retired: list[int] = []  # descriptors of files found torn, closed with the reader
         self._fd_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._conn: _UnixHTTPConnection | None = None
+        self._scratch = threading.local()  # per thread: the parts of a checked chunk nobody asked for
         self.chunks_from_cache = 0
         self.chunks_from_mount = 0
+        self.chunks_checked = 0  # read from the cache and checked here against the daemon's xxh3
+        self.chunks_mismatched = 0  # of those, bytes that did not match: read through the mount
 
     def _open_plan(self, ranges: Sequence[tuple[int, int]]) -> tuple[_UnixHTTPConnection, Any]:
         """POST the plan; returns the connection and the response, its first line consumed."""
         conn = _UnixHTTPConnection(self.socket_path, self.timeout)
-        body = json.dumps({"path": self.rel, "ranges": [list(r) for r in ranges]})
+        body = json.dumps({"path": self.rel, "ranges": [list(r) for r in ranges], "verify": "xxh3"})
         try:
             conn.request("POST", "/plan", body=body, headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
@@ -188,7 +210,7 @@ class CacheReader:
                 preadv_full(self.mount.fd, [memoryview(buf)], offset, self.path)
                 return bytes(buf)
             try:
-                ready: dict[int, str | None] = {}
+                ready: dict[int, Located] = {}
                 errors: dict[int, str] = {}
                 try:
                     for line in resp:
@@ -198,10 +220,10 @@ class CacheReader:
             finally:
                 conn.close()
 
-            def lookup(chunk: int) -> str | None:
+            def lookup(chunk: int) -> Located:
                 if chunk in errors:
                     raise LoaderIOError(f"{self.path}: {errors[chunk]}")
-                return ready.get(chunk)
+                return ready.get(chunk, _VIA_MOUNT)
 
             self._read_chunks(offset, [memoryview(buf)], lookup)
             return bytes(buf)
@@ -229,7 +251,7 @@ class CacheReader:
                 self._done = True
                 self._cond.notify_all()
 
-    def _wait(self, chunk: int) -> str | None:
+    def _wait(self, chunk: int) -> Located:
         with self._cond:
             ok = self._cond.wait_for(
                 lambda: chunk in self._ready or chunk in self._errors or self._done or self._cancelled,
@@ -240,7 +262,7 @@ class CacheReader:
             if chunk in self._errors:
                 raise LoaderIOError(f"{self.path}: {self._errors[chunk]}")
             if not ok or chunk not in self._ready:
-                return None  # the daemon stopped reporting: read through the mount (which has its own deadline)
+                return _VIA_MOUNT  # the daemon stopped reporting: the mount (which has its own deadline)
             return self._ready[chunk]
 
     def _fd(self, cache_path: str) -> int | None:
@@ -254,10 +276,18 @@ class CacheReader:
                 self._fds[cache_path] = fd
             return fd
 
+    def _drop_fd(self, cache_path: str) -> None:
+        """Open ``cache_path`` afresh next time.  The old descriptor is closed only by :meth:`close`:
+        another thread may be reading it, and a number closed under it could be reused by any open."""
+        with self._fd_lock:
+            fd = self._fds.pop(cache_path, None)
+            if fd is not None:
+                self._retired.append(fd)
+
     def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
         self._read_chunks(offset, views, self._wait)
 
-    def _read_chunks(self, offset: int, views: Sequence[memoryview], wait: Callable[[int], str | None]) -> None:
+    def _read_chunks(self, offset: int, views: Sequence[memoryview], wait: Callable[[int], Located]) -> None:
         """Fill ``views`` chunk by chunk: from each chunk's cache file, or through the mount."""
         cs = self.chunk_size
         pending = [v for v in views if len(v)]
@@ -277,21 +307,58 @@ class CacheReader:
                     i += 1
                 else:
                     pending[i] = v[n:]
-            cache_path = wait(chunk)
+            cache_path, checksum = wait(chunk)
             fd = self._fd(cache_path) if cache_path else None
             if fd is not None:
                 try:
-                    preadv_full(fd, batch, offset - chunk * cs, cache_path or "")
+                    if checksum is None:
+                        preadv_full(fd, batch, offset - chunk * cs, cache_path or "")
+                    else:
+                        chunk_len = min(cs, self.mount.size - chunk * cs)
+                        self._read_checked(fd, cache_path or "", batch, offset - chunk * cs, chunk_len, checksum)
                 except LoaderIOError:
-                    fd = None  # evicted and truncated meanwhile, say: the mount serves it
+                    self._drop_fd(cache_path or "")  # truncated meanwhile, say: the mount serves it
+                    fd = None
+                except _ChecksumMismatch:
+                    log.warning("%s: cached chunk %d does not match its checksum; reading it through the mount",
+                                self.path, chunk)
+                    # The daemon replaces a torn file by a new one under the same name: never reuse this one.
+                    self._drop_fd(cache_path or "")
+                    fd = None
+                    with self._cond:
+                        self.chunks_mismatched += 1
                 else:
                     with self._cond:
                         self.chunks_from_cache += 1
+                        self.chunks_checked += checksum is not None
             if fd is None:
                 self.mount.readinto(offset, batch)
                 with self._cond:
                     self.chunks_from_mount += 1
             offset += take
+
+    def _read_checked(
+        self, fd: int, path: str, batch: list[memoryview], start: int, chunk_len: int, checksum: int
+    ) -> None:
+        """Read a whole chunk file, ``batch`` getting bytes ``[start, start + len(batch))``; check its xxh3.
+
+        The bytes before and after the wanted ones (a header, a tensor the plan skips) go
+        to a per-thread scratch buffer: the check needs every byte of the chunk.  Raises
+        :class:`_ChecksumMismatch` when the bytes are not the chunk's (``batch`` then holds
+        them; the caller overwrites it).
+        """
+        end = start + sum(len(v) for v in batch)
+        scratch: bytearray | None = getattr(self._scratch, "buf", None)
+        if scratch is None or len(scratch) < chunk_len:
+            scratch = self._scratch.buf = bytearray(chunk_len)
+        spare = memoryview(scratch)
+        parts = ([spare[:start]] if start else []) + batch + ([spare[end:chunk_len]] if end < chunk_len else [])
+        preadv_full(fd, parts, 0, path)
+        hasher = xxhash.xxh3_64()
+        for part in parts:
+            hasher.update(part)
+        if hasher.intdigest() != checksum:
+            raise _ChecksumMismatch
 
     def cancel(self) -> None:
         with self._cond:
@@ -309,20 +376,30 @@ class CacheReader:
             self._thread.join(timeout=5)
         if self._conn is not None:
             self._conn.close()
-        for fd in self._fds.values():
+        for fd in [*self._fds.values(), *self._retired]:
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._fds.clear()
+        self._retired.clear()
         self.mount.close()
 
 
-def _record(ev: Any, ready: dict[int, str | None], errors: dict[int, str]) -> None:
-    """One event of the daemon's answer: ``{"chunk": k, "path": P | null}`` or ``{"chunk": k, "error": E}``."""
+def _record(ev: Any, ready: dict[int, Located], errors: dict[int, str]) -> None:
+    """One event of the daemon's answer: ``{"chunk": k, "path": P | null[, "xxh3": "<16 hex>"]}``
+    or ``{"chunk": k, "error": E}``.  A path with a malformed checksum is read through the mount."""
     if "error" in ev:
         errors[int(ev["chunk"])] = str(ev["error"])
+        return
+    path = ev.get("path")
+    checksum = ev.get("xxh3")
+    if not isinstance(path, str):
+        ready[int(ev["chunk"])] = _VIA_MOUNT
+    elif checksum is None:
+        ready[int(ev["chunk"])] = (path, None)
+    elif isinstance(checksum, str) and len(checksum) == 16 and all(c in "0123456789abcdef" for c in checksum):
+        ready[int(ev["chunk"])] = (path, int(checksum, 16))
     else:
-        path = ev.get("path")
-        ready[int(ev["chunk"])] = path if isinstance(path, str) else None
+        ready[int(ev["chunk"])] = _VIA_MOUNT
 
 
 def find_control_socket(path: str) -> tuple[str, str] | None:

@@ -470,6 +470,45 @@ class ChunkStore:
         self._hit(digest)
         return self._chunk_path(digest)
 
+    def locate(self, digest: bytes) -> tuple[Path, int | None] | None:
+        """Where a present chunk's file is, without reading it: ``(path, xxh3)`` or None on a miss.
+
+        ``xxh3`` is None when this process has already checked the file; otherwise it is
+        the checksum the file must have, and the caller must check the bytes it reads
+        (the loader does, as it copies them) and treat a mismatch as a miss.  This spares
+        a full read of every chunk whose reader will read it anyway.  An unchecked file is
+        opened and handed to the kernel's read-ahead (``POSIX_FADV_WILLNEED``), so the
+        disk reads run here, ahead of the reader, as the check used to make them.
+        """
+        self._check_open()
+        _check_digest(digest)
+        entry = self._lookup(digest)
+        if entry is None:
+            self._count("misses")
+            return None
+        path = self._chunk_path(digest)
+        if self._is_verified(digest):
+            self._hit(digest)
+            return path, None
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self._drop_if_torn(digest)  # evicted meanwhile (plain miss) or torn
+            self._count("misses")
+            return None
+        except OSError as exc:
+            self._error("read", "cache: cannot open chunk %s: %s", digest.hex(), exc)
+            self._count("misses")
+            return None
+        try:
+            os.posix_fadvise(fd, 0, entry.size, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # only a hint
+        finally:
+            os.close(fd)
+        self._hit(digest)
+        return path, entry.xxh3
+
     def _lookup(self, digest: bytes) -> _Entry | None:
         try:
             with self._env.begin(db=self._db_chunks) as txn:

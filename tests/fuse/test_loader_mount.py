@@ -29,12 +29,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import blake3
 import pytest
 import safetensors
 import safetensors.torch
 import torch
 
-from lazyfs.loader import LoaderError, iter_tensors, last_statistics, load_file, safe_open
+from lazyfs.loader import LoaderError, api, iter_tensors, last_statistics, load_file, safe_open
+from lazyfs.loader.readers import CacheReader
 from tests.helpers import run_lazyfs
 from tools.test_origin import OriginProcess, start_test_origin
 
@@ -141,6 +143,19 @@ class Mounts:
         self.mountpoints.append((mp, cache))
         return mp
 
+    def cache_of(self, mp: Path) -> Path:
+        return next(cache for m, cache in self.mountpoints if m == mp)
+
+    def remount(self, mp: Path, origin: str, ref: str = REF) -> None:
+        """Stop ``mp``'s daemon and mount it again on the same cache: a fresh daemon, a warm cache."""
+        run = run_lazyfs("umount", str(mp), timeout=60)
+        assert run.returncode == 0, run.stderr
+        run = run_lazyfs(
+            "mount", origin, ref, str(mp), "--cache-dir", str(self.cache_of(mp)),
+            "--read-timeout", str(READ_TIMEOUT), timeout=60,
+        )
+        assert run.returncode == 0, run.stderr
+
     def daemon_log(self, mp: Path) -> str:
         for m, cache in self.mountpoints:
             if m == mp:
@@ -230,6 +245,68 @@ def test_fast_path_reads_verified_chunks_from_the_cache(published: Published, fi
     with safe_open(path, framework="pt") as f:
         assert f.metadata() == {"format": "pt"}
         assert torch.equal(as_bytes(f.get_slice("embed")[100:103, 5:9]), as_bytes(ref["embed"][100:103, 5:9]))
+
+
+def checks() -> tuple[int, int, int]:
+    s = last_statistics()
+    assert s is not None
+    return s.chunks_from_cache, s.chunks_checked, s.chunks_mismatched
+
+
+@pytest.mark.allow_warnings  # the loader warns about each torn cache file it meets
+def test_a_fresh_daemon_leaves_the_check_of_cache_files_to_the_loader(
+    published: Published, mounts: Mounts
+) -> None:
+    """A daemon that has not read a cache file reports it with its xxh3; the loader checks the bytes.
+
+    Corrupt cache files (same size, one byte flipped) are caught by that check and read
+    through the mount, where the daemon drops them and fetches the chunks again.
+    """
+    mp = mounts(published.file_url)
+    path = mp / "model" / "model.safetensors"
+    ref = safetensors.torch.load_file(published.src / "model" / "model.safetensors")
+
+    assert_same(load_file(path), ref)  # cold: this daemon fetched, checked and cached every chunk
+    from_cache, checked, bad = checks()
+    assert from_cache > 0 and checked == 0 and bad == 0
+
+    mounts.remount(mp, published.file_url)
+    assert_same(load_file(path), ref)  # a fresh daemon: nothing read by it yet
+    from_cache, checked, bad = checks()
+    assert checked == from_cache > 100 and bad == 0  # ~8 MiB in 64 KiB chunks
+
+    mounts.remount(mp, published.file_url)
+    files = sorted(p for p in (mounts.cache_of(mp) / "chunks").rglob("*") if p.is_file())
+    assert len(files) > 100
+    # Every third file, and the first chunk's: the header read meets it before the tensors do.
+    first = (published.src / "model" / "model.safetensors").read_bytes()[: 64 * KiB]
+    first_file = next(p for p in files if p.name == blake3.blake3(first).hexdigest())
+    for chunk_file in {*files[::3], first_file}:
+        with open(chunk_file, "r+b") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            fh.seek(size // 2)
+            byte = fh.read(1)
+            fh.seek(size // 2)
+            fh.write(bytes([byte[0] ^ 0x40]))
+    assert_same(load_file(path), ref)
+    from_cache, checked, bad = checks()
+    assert bad > 0 and checked > 0, (from_cache, checked, bad)
+    # The daemon dropped each torn file and cached the chunk again: the next load reads them all cleanly.
+    assert_same(load_file(path), ref)
+    assert checks()[2] == 0
+
+    # The CUDA path (a pinned ring, run here on the CPU) reads and checks whole chunks the same way.
+    mounts.remount(mp, published.file_url)
+    source = api._Source(str(path))
+    try:
+        pipeline = api._Pipeline(source, source.header.tensors, torch.device("cpu"), 3, 2 * api.RING_BUFFER)
+        source.start(pipeline.units)  # what pipeline.run() does before it picks the CPU path
+        assert_same(dict(pipeline._run_device()), ref)
+        reader = source.reader
+        assert isinstance(reader, CacheReader)
+        assert reader.chunks_checked == reader.chunks_from_cache > 100 and reader.chunks_mismatched == 0
+    finally:
+        source.close()
 
 
 def test_sharded_and_symlinked_models_on_a_mount(published: Published, file_mount: Path) -> None:

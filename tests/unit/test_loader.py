@@ -13,6 +13,7 @@ daemon's dependencies (the GPU machine has none of them).
 from __future__ import annotations
 
 import errno
+import itertools
 import json
 import logging
 import os
@@ -640,3 +641,80 @@ def test_default_reader_threads_by_device() -> None:
     cpus = os.cpu_count() or 1
     assert api.default_threads(torch.device("cpu")) == min(16, max(4, cpus))
     assert api.default_threads(torch.device("cuda", 0)) == min(8, min(16, max(4, cpus)))
+
+
+# --- the read plan ------------------------------------------------------------------------------
+
+
+def _layout(sizes: Sequence[int], start: int, gaps: Sequence[int] = ()) -> list[TensorInfo]:
+    """Tensors of ``sizes`` back to back from ``start``; ``gaps[i]`` unwanted bytes before tensor i."""
+    out = []
+    for i, n in enumerate(sizes):
+        start += gaps[i] if i < len(gaps) else 0
+        out.append(TensorInfo(f"t{i}", "U8", (n,), start, start + n))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("gaps", [False, True])
+@pytest.mark.parametrize("align", [0, 64 * 1024, 4 * MiB])
+@pytest.mark.parametrize("seed", range(6))
+def test_plan_covers_every_tensor_byte_once_and_aligns_cuts(align: int, seed: int, gaps: bool) -> None:
+    """Units tile the tensors exactly; with ``align`` every cut inside the data is a multiple of it,
+    except where wanted bytes stop (a skipped tensor, the file's end)."""
+    import random
+
+    from lazyfs.loader.plan import MAX_READ, MIN_READ, plan_reads
+
+    rng = random.Random(seed)
+    sizes = [rng.choice([0, 1, 7, 4096, 300_000, 3 * MiB + 5, 17 * MiB + 3, 40 * MiB]) for _ in range(40)]
+    skips = [rng.choice([0, 0, 100, 200_000, 5 * MiB]) if gaps else 0 for _ in sizes]
+    infos = _layout(sizes, start=8 + rng.randrange(1, 20_000), gaps=skips)
+    units = plan_reads(infos, max_read=MAX_READ, align=align)
+    covered: dict[int, list[tuple[int, int]]] = {}
+    for u in units:
+        assert 0 < u.length <= MAX_READ
+        for p in u.pieces:
+            t = infos[p.tensor]
+            assert u.start + p.unit_offset == t.start + p.tensor_offset  # the piece sits where its bytes are
+            covered.setdefault(p.tensor, []).append((p.tensor_offset, p.length))
+    for i, t in enumerate(infos):
+        spans = sorted(covered.get(i, []))
+        pos = 0
+        for off, n in spans:
+            assert off == pos
+            pos += n
+        assert pos == t.nbytes
+    assert [u.start for u in units] == sorted(u.start for u in units)
+    # Units hold at least MIN_READ bytes unless wanted bytes stop first, so the first tensors land early.
+    for a, b in itertools.pairwise(units):
+        assert a.length >= MIN_READ or b.start > a.end or a.length == MAX_READ, (a.start, a.end, b.start)
+    if align:
+        starts = {t.start for t in infos if t.nbytes}
+        ends = {t.end for t in infos if t.nbytes}
+        for a, b in itertools.pairwise(units):
+            if b.start == a.end:  # a cut inside contiguous wanted bytes
+                assert a.end % align == 0, (a.end, align)
+            else:  # wanted bytes stop: the unit ends with a tensor, the next starts with one
+                assert a.end in ends and b.start in starts
+    else:
+        # Without alignment a unit ends with a tensor once it holds MIN_READ bytes (or at MAX_READ).
+        ends = {t.end for t in infos}
+        assert all(u.end in ends or u.length == MAX_READ for u in units)
+
+
+def test_plan_events_are_parsed_like_untrusted_input() -> None:
+    """A daemon event with a malformed checksum sends that chunk through the mount, never unchecked."""
+    from lazyfs.loader.readers import _record
+
+    ready: dict[int, tuple[str | None, int | None]] = {}
+    errors: dict[int, str] = {}
+    _record({"chunk": 1, "path": "/c/ab"}, ready, errors)
+    _record({"chunk": 2, "path": "/c/cd", "xxh3": "00000000000000ff"}, ready, errors)
+    for k, bad in enumerate(["ff", "0x00000000000000f", "GGGGGGGGGGGGGGGG", 255, None.__class__.__name__], 3):
+        _record({"chunk": k, "path": "/c/ef", "xxh3": bad}, ready, errors)
+    _record({"chunk": 9, "path": None}, ready, errors)
+    _record({"chunk": 10, "error": "origin unavailable"}, ready, errors)
+    assert ready[1] == ("/c/ab", None) and ready[2] == ("/c/cd", 255)
+    assert all(ready[k] == (None, None) for k in range(3, 8)) and ready[9] == (None, None)
+    assert errors == {10: "origin unavailable"}

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import xxhash
 from blake3 import blake3
 
 import lazyfs
@@ -125,6 +126,35 @@ def test_persistent_across_reopen(tmp_path: Path) -> None:
         for digest, data in chunks:
             assert s.read(digest) == data
         assert s.get_blob("manifest-abc") == b"manifest bytes"
+
+
+def test_locate_leaves_the_check_of_unread_files_to_the_caller(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``locate`` never reads a file: a file this process has not checked comes with its xxh3."""
+    digest, data = make_chunk(7, 3000)
+    gone, _ = make_chunk(8)
+    with ChunkStore.open(tmp_path / "c") as s:
+        s.put(digest, data)
+        s.put(gone, b"x" * 1000)
+        assert s.locate(digest) == (s.directory / "chunks" / digest.hex()[:2] / digest.hex(), None)  # put here
+    with ChunkStore.open(tmp_path / "c") as s:
+        located = s.locate(digest)
+        assert located is not None
+        path, checksum = located
+        assert checksum == xxhash.xxh3_64_intdigest(data) and path.read_bytes() == data
+        assert s.read(digest) == data  # checked now
+        assert s.locate(digest) == (path, None)
+        path_of_gone = s.path_of(gone)
+        assert path_of_gone is not None
+    with ChunkStore.open(tmp_path / "c") as s:
+        path_of_gone.unlink()  # a file missing under its entry: a miss, and the entry is dropped
+        assert s.locate(gone) is None
+        assert not s.contains(gone)
+        assert ["file is missing" in w for w in warnings_in(caplog)] == [True]
+        assert s.locate(make_chunk(9)[0]) is None
+        st = s.statistics()
+        assert (st.hits, st.misses) == (0, 2)
 
 
 def test_closed_store_raises(tmp_path: Path) -> None:
