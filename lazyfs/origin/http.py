@@ -54,10 +54,6 @@ from lazyfs.origin.base import check_key
 
 __all__ = ["HTTPOrigin"]
 
-# Streaming granularity when slicing a 200 answer: large enough that per-chunk Python overhead
-# is noise at GB/s, small enough that the bytes discarded before the range are not buffered.
-_STREAM_CHUNK = 1024 * 1024
-
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
 
@@ -217,17 +213,20 @@ class HTTPOrigin:
                 raise UnavailableError(f"GET {url}: 206 Partial Content to a request without a Range")
             size = self._check_content_range(resp, url, start, length)
             # Read no more than announced: a hostile Content-Length must not make us buffer more.
-            body = bytearray()
-            async for chunk in resp.content.iter_chunked(_STREAM_CHUNK):
-                body += chunk
-                if len(body) > size:
+            # The parts are the buffers aiohttp received, joined once: the body is copied once here.
+            parts: list[bytes] = []
+            got = 0
+            async for chunk in resp.content.iter_any():
+                parts.append(chunk)
+                got += len(chunk)
+                if got > size:
                     break
-            if len(body) != size:
+            if got != size:
                 raise UnavailableError(
-                    f"GET {url}: 206 body has {'at least ' if len(body) > size else ''}{len(body)} bytes, "
+                    f"GET {url}: 206 body has {'at least ' if got > size else ''}{got} bytes, "
                     f"its Content-Range announced {size}"
                 )
-            return bytes(body)
+            return parts[0] if len(parts) == 1 else b"".join(parts)
         if resp.status == 200:
             if not ranged:
                 return await resp.read()
@@ -263,22 +262,24 @@ class HTTPOrigin:
     @staticmethod
     async def _slice(resp: aiohttp.ClientResponse, start: int, length: int | None) -> bytes:
         """Bytes ``[start, start+length)`` of a full-body answer, read as it streams."""
-        out = bytearray()
+        parts: list[memoryview] = []
+        got = 0
         skip = start
-        async for chunk in resp.content.iter_chunked(_STREAM_CHUNK):
+        async for chunk in resp.content.iter_any():
             if skip >= len(chunk):
                 skip -= len(chunk)
                 continue
             piece = memoryview(chunk)[skip:]
             skip = 0
             if length is not None:
-                piece = piece[: length - len(out)]
-            out += piece
-            if length is not None and len(out) >= length:
+                piece = piece[: length - got]
+            parts.append(piece)
+            got += len(piece)
+            if length is not None and got >= length:
                 # Done: drop the connection rather than download the rest of the object.
                 resp.close()
                 break
-        return bytes(out)
+        return b"".join(parts)
 
 
 def _redact(url: str) -> str:
