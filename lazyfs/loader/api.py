@@ -355,7 +355,7 @@ class _Pipeline:
         self.pinned_bytes = pinned_bytes
         # From the lazyfs cache, units cut at chunk boundaries let one reader check each chunk whole.
         reader = source.reader
-        align = reader.chunk_size if isinstance(reader, CacheReader) else 0
+        align = reader.chunk_size if isinstance(reader, CacheReader) and reader.client_checks else 0
         self.units = plan_reads(self.infos, max_read=RING_BUFFER, align=align)
         self.remaining = [t.nbytes for t in self.infos]
         self.outs = [
