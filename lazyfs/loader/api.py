@@ -353,9 +353,12 @@ class _Pipeline:
         self.device = device
         self.threads = threads
         self.pinned_bytes = pinned_bytes
-        # From the lazyfs cache, units cut at chunk boundaries let one reader check each chunk whole.
+        # From the lazyfs cache, units cut at chunk boundaries let one reader check each chunk whole
+        # (a chunk bigger than a unit is checked once, by the first unit that needs it, and
+        # then only read: cutting at its boundaries would change nothing).
         reader = source.reader
         align = reader.chunk_size if isinstance(reader, CacheReader) and reader.client_checks else 0
+        align = align if align <= RING_BUFFER else 0
         self.units = plan_reads(self.infos, max_read=RING_BUFFER, align=align)
         self.remaining = [t.nbytes for t in self.infos]
         self.outs = [

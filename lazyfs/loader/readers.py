@@ -19,7 +19,10 @@ bytes must have (the cache's local integrity check) rather than being read by
 the daemon first: the reader checks the whole chunk as it copies it, and reads a
 chunk whose bytes do not match through the mount, where the daemon finds the
 torn file, drops it and fetches the chunk again.  One pass over the bytes instead
-of two: the daemon's check was a second full copy of every chunk.
+of two: the daemon's check was a second full copy of every chunk.  A descriptor
+whose file passed the check is trusted from then on: later reads of that chunk (a
+``keys`` load reading around a gap, the header read before the tensors) read only
+the bytes they want.
 """
 
 from __future__ import annotations
@@ -48,6 +51,12 @@ log = logging.getLogger("lazyfs.loader")
 CONTROL_XATTR = "user.lazyfs.control"
 # preadv takes at most IOV_MAX (1024 on Linux) buffers per call.
 IOV_MAX = 1024
+# What a reader thread keeps for the bytes of a checked chunk that nobody asked for: they
+# pass through this buffer a piece at a time, whatever the chunk size.
+SCRATCH = 1024 * 1024
+# The manifest's own limit: a daemon naming a bigger chunk size is not to be believed.
+MAX_CHUNK_SIZE = 256 * 1024 * 1024
+_scratch = threading.local()
 
 # What the daemon says about one chunk: (cache file path or None for "read it through the
 # mount", the xxh3 the reader must check or None when the daemon has checked the file).
@@ -173,11 +182,15 @@ class CacheReader:
         self._cancelled = False
         self._cond = threading.Condition()
         self._fds: dict[str, int] = {}
-        self._retired: list[int] = []  # descriptors of files found torn, closed with the reader
+        # Descriptors whose bytes are known good: the file passed this reader's check, or was
+        # opened after the daemon reported it checked.  A descriptor of a file not yet checked
+        # may be of a torn file the daemon has replaced since (under the same name).
+        self._trusted: set[int] = set()
+        self._checking: dict[int, threading.Lock] = {}  # one check per descriptor at a time
+        self._retired: list[int] = []  # descriptors given up (torn, or not trusted), closed with the reader
         self._fd_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._conn: _UnixHTTPConnection | None = None
-        self._scratch = threading.local()  # per thread: the parts of a checked chunk nobody asked for
         self.chunks_from_cache = 0
         self.chunks_from_mount = 0
         self.chunks_checked = 0  # read from the cache and checked here against the daemon's xxh3
@@ -197,9 +210,10 @@ class CacheReader:
                 msg = resp.read(4096).decode(errors="replace").strip()
                 raise LoaderIOError(f"{self.path}: the lazyfs daemon refused the read plan: {msg}")
             first = json.loads(resp.readline())
-            self.chunk_size = int(first["chunk_size"])
-            if self.chunk_size <= 0:
-                raise ValueError(f"chunk size {self.chunk_size}")
+            chunk_size = first["chunk_size"]
+            if type(chunk_size) is not int or not 0 < chunk_size <= MAX_CHUNK_SIZE:
+                raise ValueError(f"chunk size {chunk_size!r}")
+            self.chunk_size = chunk_size
         except (OSError, ValueError, KeyError, TypeError, http.client.HTTPException) as exc:
             conn.close()
             raise LoaderIOError(f"{self.path}: cannot use the lazyfs daemon: {exc}") from exc
@@ -273,16 +287,28 @@ class CacheReader:
                 return _VIA_MOUNT  # the daemon stopped reporting: the mount (which has its own deadline)
             return self._ready[chunk]
 
-    def _fd(self, cache_path: str) -> int | None:
+    def _fd(self, cache_path: str, checked: bool) -> int | None:
+        """A descriptor of ``cache_path``; ``checked``: the daemon reports the file there checked."""
         with self._fd_lock:
             fd = self._fds.get(cache_path)
+            if fd is not None and checked and fd not in self._trusted:
+                # Opened before the daemon checked the file: perhaps on a torn one it has replaced.
+                del self._fds[cache_path]
+                self._retired.append(fd)
+                fd = None
             if fd is None:
                 try:
                     fd = os.open(cache_path, os.O_RDONLY | os.O_CLOEXEC)
                 except OSError:
                     return None  # evicted or unreadable: the mount serves it
                 self._fds[cache_path] = fd
+                if checked:
+                    self._trusted.add(fd)
             return fd
+
+    def _check_lock(self, fd: int) -> threading.Lock:
+        with self._fd_lock:
+            return self._checking.setdefault(fd, threading.Lock())
 
     def _drop_fd(self, cache_path: str) -> None:
         """Open ``cache_path`` afresh next time.  The old descriptor is closed only by :meth:`close`:
@@ -316,14 +342,21 @@ class CacheReader:
                 else:
                     pending[i] = v[n:]
             cache_path, checksum = wait(chunk)
-            fd = self._fd(cache_path) if cache_path else None
+            fd = self._fd(cache_path, checksum is None) if cache_path else None
             if fd is not None:
+                checked_here = False
                 try:
-                    if checksum is None:
+                    if checksum is None or fd in self._trusted:
                         preadv_full(fd, batch, offset - chunk * cs, cache_path or "")
                     else:
-                        chunk_len = min(cs, self.mount.size - chunk * cs)
-                        self._read_checked(fd, cache_path or "", batch, offset - chunk * cs, chunk_len, checksum)
+                        with self._check_lock(fd):  # another thread may be checking this file
+                            if fd in self._trusted:
+                                preadv_full(fd, batch, offset - chunk * cs, cache_path or "")
+                            else:
+                                chunk_len = min(cs, self.mount.size - chunk * cs)
+                                _read_checked(fd, cache_path or "", batch, offset - chunk * cs, chunk_len, checksum)
+                                self._trusted.add(fd)
+                                checked_here = True
                 except LoaderIOError:
                     self._drop_fd(cache_path or "")  # truncated meanwhile, say: the mount serves it
                     fd = None
@@ -338,35 +371,12 @@ class CacheReader:
                 else:
                     with self._cond:
                         self.chunks_from_cache += 1
-                        self.chunks_checked += checksum is not None
+                        self.chunks_checked += checked_here
             if fd is None:
                 self.mount.readinto(offset, batch)
                 with self._cond:
                     self.chunks_from_mount += 1
             offset += take
-
-    def _read_checked(
-        self, fd: int, path: str, batch: list[memoryview], start: int, chunk_len: int, checksum: int
-    ) -> None:
-        """Read a whole chunk file, ``batch`` getting bytes ``[start, start + len(batch))``; check its xxh3.
-
-        The bytes before and after the wanted ones (a header, a tensor the plan skips) go
-        to a per-thread scratch buffer: the check needs every byte of the chunk.  Raises
-        :class:`_ChecksumMismatch` when the bytes are not the chunk's (``batch`` then holds
-        them; the caller overwrites it).
-        """
-        end = start + sum(len(v) for v in batch)
-        scratch: bytearray | None = getattr(self._scratch, "buf", None)
-        if scratch is None or len(scratch) < chunk_len:
-            scratch = self._scratch.buf = bytearray(chunk_len)
-        spare = memoryview(scratch)
-        parts = ([spare[:start]] if start else []) + batch + ([spare[end:chunk_len]] if end < chunk_len else [])
-        preadv_full(fd, parts, 0, path)
-        hasher = xxhash.xxh3_64()
-        for part in parts:
-            hasher.update(part)
-        if hasher.intdigest() != checksum:
-            raise _ChecksumMismatch
 
     def cancel(self) -> None:
         with self._cond:
@@ -389,25 +399,72 @@ class CacheReader:
                 os.close(fd)
         self._fds.clear()
         self._retired.clear()
+        self._trusted.clear()
+        self._checking.clear()
         self.mount.close()
+
+
+def _read_checked(fd: int, path: str, batch: list[memoryview], start: int, chunk_len: int, checksum: int) -> None:
+    """Read a whole chunk file, ``batch`` getting bytes ``[start, start + len(batch))``; check its xxh3.
+
+    The bytes before and after the wanted ones (a header, a tensor the plan skips) pass
+    through this thread's scratch buffer, :data:`SCRATCH` bytes at a time: the check needs
+    every byte of the chunk, in order.  Raises :class:`_ChecksumMismatch` when the bytes are
+    not the chunk's (``batch`` then holds them; the caller overwrites it).
+    """
+    end = start + sum(len(v) for v in batch)
+    buf: bytearray | None = getattr(_scratch, "buf", None)
+    if buf is None:
+        buf = _scratch.buf = bytearray(SCRATCH)
+    spare = memoryview(buf)
+    hasher = xxhash.xxh3_64()
+
+    def skip(at: int, stop: int) -> None:
+        while at < stop:
+            part = spare[: min(SCRATCH, stop - at)]
+            preadv_full(fd, [part], at, path)
+            hasher.update(part)
+            at += len(part)
+
+    if start + (chunk_len - end) <= SCRATCH:  # the usual case: one preadv for the whole chunk
+        parts = ([spare[:start]] if start else []) + batch
+        if end < chunk_len:
+            parts.append(spare[start : start + chunk_len - end])
+        preadv_full(fd, parts, 0, path)
+        for part in parts:
+            hasher.update(part)
+    else:
+        skip(0, start)
+        preadv_full(fd, batch, start, path)
+        for part in batch:
+            hasher.update(part)
+        skip(end, chunk_len)
+    if hasher.intdigest() != checksum:
+        raise _ChecksumMismatch
 
 
 def _record(ev: Any, ready: dict[int, Located], errors: dict[int, str]) -> None:
     """One event of the daemon's answer: ``{"chunk": k, "path": P | null[, "xxh3": "<16 hex>"]}``
-    or ``{"chunk": k, "error": E}``.  A path with a malformed checksum is read through the mount."""
+    or ``{"chunk": k, "error": E}``.  A path with a malformed checksum is read through the mount;
+    an event that is not one of these is ignored (its chunk, never reported, is read through the mount)."""
+    if not isinstance(ev, dict):
+        return
+    chunk = ev.get("chunk")
+    if type(chunk) is not int or chunk < 0:
+        return
     if "error" in ev:
-        errors[int(ev["chunk"])] = str(ev["error"])
+        errors[chunk] = str(ev["error"])[:1000]
         return
     path = ev.get("path")
     checksum = ev.get("xxh3")
     if not isinstance(path, str):
-        ready[int(ev["chunk"])] = _VIA_MOUNT
+        ready[chunk] = _VIA_MOUNT
     elif checksum is None:
-        ready[int(ev["chunk"])] = (path, None)
+        ready[chunk] = (path, None)
     elif isinstance(checksum, str) and len(checksum) == 16 and all(c in "0123456789abcdef" for c in checksum):
-        ready[int(ev["chunk"])] = (path, int(checksum, 16))
+        ready[chunk] = (path, int(checksum, 16))
     else:
-        ready[int(ev["chunk"])] = _VIA_MOUNT
+        ready[chunk] = _VIA_MOUNT
 
 
 def find_control_socket(path: str) -> tuple[str, str] | None:

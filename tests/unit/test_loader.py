@@ -28,6 +28,7 @@ import pytest
 import safetensors
 import safetensors.torch
 import torch
+import xxhash
 
 from lazyfs.errors import UsageError
 from lazyfs.loader import (
@@ -42,7 +43,7 @@ from lazyfs.loader import (
 )
 from lazyfs.loader.header import TensorInfo
 from lazyfs.loader.plan import MIN_READ
-from lazyfs.loader.readers import PlainReader
+from lazyfs.loader.readers import CacheReader, PlainReader
 
 REPO = Path(__file__).resolve().parents[2]
 MiB = 1024 * 1024
@@ -715,6 +716,116 @@ def test_plan_events_are_parsed_like_untrusted_input() -> None:
         _record({"chunk": k, "path": "/c/ef", "xxh3": bad}, ready, errors)
     _record({"chunk": 9, "path": None}, ready, errors)
     _record({"chunk": 10, "error": "origin unavailable"}, ready, errors)
+    # Not events at all: ignored (a chunk never reported is read through the mount).
+    for junk in [[1, 2], "chunk", 7, None, {"chunk": "11", "path": "/c/x"}, {"chunk": -1, "path": "/c/x"},
+                 {"chunk": True, "path": "/c/x"}, {"chunk": 1.5, "error": "x"}, {"path": "/c/x"}]:
+        _record(junk, ready, errors)
     assert ready[1] == ("/c/ab", None) and ready[2] == ("/c/cd", 255)
     assert all(ready[k] == (None, None) for k in range(3, 8)) and ready[9] == (None, None)
-    assert errors == {10: "origin unavailable"}
+    assert errors == {10: "origin unavailable"} and sorted(ready) == [1, 2, 3, 4, 5, 6, 7, 9]
+
+
+class _FakeCache:
+    """A file and a cache directory of its chunks, one file per distinct chunk, as the daemon keeps them."""
+
+    def __init__(self, tmp_path: Path, data: bytes, chunk_size: int) -> None:
+        self.path = tmp_path / "model.bin"
+        self.path.write_bytes(data)
+        self.dir = tmp_path / "chunks"
+        self.dir.mkdir()
+        self.chunk_size = chunk_size
+        self.files: list[Path] = []
+        self.sums: list[int] = []
+        for at in range(0, len(data), chunk_size):
+            piece = data[at : at + chunk_size]
+            f = self.dir / f"{xxhash.xxh3_64_hexdigest(piece)}-{len(piece)}"
+            f.write_bytes(piece)
+            self.files.append(f)
+            self.sums.append(xxhash.xxh3_64_intdigest(piece))
+
+    def reader(self) -> CacheReader:
+        r = CacheReader(str(self.path), str(self.path.parent), "/nonexistent.sock")
+        r.chunk_size = self.chunk_size
+        return r
+
+    def checked(self, chunk: int) -> tuple[str | None, int | None]:
+        """The daemon's report of a file it has not read: the path and the xxh3 to check."""
+        return str(self.files[chunk]), self.sums[chunk]
+
+    def tear(self, chunk: int) -> None:
+        """Flip one byte of a chunk's cache file, its size unchanged (what a torn write leaves)."""
+        with open(self.files[chunk], "r+b") as fh:
+            b = fh.read(1)
+            fh.seek(0)
+            fh.write(bytes([b[0] ^ 1]))
+
+
+def _read(r: CacheReader, offset: int, n: int, lookup: Callable[[int], tuple[str | None, int | None]]) -> bytes:
+    buf = bytearray(n)
+    r._read_chunks(offset, [memoryview(buf)], lookup)
+    return bytes(buf)
+
+
+def test_the_cache_reader_checks_each_cache_file_once(tmp_path: Path) -> None:
+    """Each chunk's file is checked whole once; later reads of it (any part) only read what they want."""
+    data = os.urandom(10 * 64 * 1024 + 123)
+    data = data[: 3 * 64 * 1024] + data[: 64 * 1024] + data[4 * 64 * 1024 :]  # chunks 0 and 3 are the same
+    cache = _FakeCache(tmp_path, data, 64 * 1024)
+    r = cache.reader()
+    try:
+        assert _read(r, 0, 8, cache.checked) == data[:8]  # the header's length: chunk 0 checked whole
+        assert (r.chunks_checked, r.chunks_from_cache) == (1, 1)
+        assert _read(r, 8, 1000, cache.checked) == data[8:1008]  # the header: only read
+        assert (r.chunks_checked, r.chunks_from_cache) == (1, 2)
+        # Two ranges around a gap in chunk 5, then everything: each of the 10 distinct files checked once.
+        assert _read(r, 5 * 65536 + 10, 100, cache.checked) == data[5 * 65536 + 10 : 5 * 65536 + 110]
+        assert _read(r, 5 * 65536 + 60000, 100, cache.checked) == data[5 * 65536 + 60000 : 5 * 65536 + 60100]
+        assert r.chunks_checked == 2
+        threads = [threading.Thread(target=lambda: _read(r, 0, len(data), cache.checked)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert _read(r, 0, len(data), cache.checked) == data
+        assert r.chunks_checked == 10 and r.chunks_mismatched == 0 and r.chunks_from_mount == 0
+    finally:
+        r.close()
+
+
+@pytest.mark.allow_warnings  # the reader warns about the torn file
+@pytest.mark.parametrize("chunk_size", [64 * 1024, 5 * MiB])  # one preadv per check; pieces through the scratch
+def test_the_cache_reader_reads_a_torn_chunk_through_the_mount(tmp_path: Path, chunk_size: int) -> None:
+    data = os.urandom(2 * chunk_size + 4096)
+    cache = _FakeCache(tmp_path, data, chunk_size)
+    cache.tear(1)
+    r = cache.reader()
+    try:
+        mid = chunk_size + chunk_size // 2  # wanted bytes in the middle: the rest of the chunk is only hashed
+        assert _read(r, mid, 4096, cache.checked) == data[mid : mid + 4096]
+        assert (r.chunks_mismatched, r.chunks_from_mount, r.chunks_checked) == (1, 1, 0)
+        assert _read(r, 0, len(data), cache.checked) == data  # checked again: torn still, through the mount
+        assert (r.chunks_mismatched, r.chunks_from_mount, r.chunks_checked) == (2, 2, 2)
+        assert r.chunks_from_cache == 2
+    finally:
+        r.close()
+
+
+def test_a_descriptor_opened_before_the_daemon_replaced_a_torn_file_is_not_trusted(tmp_path: Path) -> None:
+    """A report that the daemon has checked a file is about the file there now, not one opened earlier."""
+    data = os.urandom(3 * 64 * 1024)
+    cache = _FakeCache(tmp_path, data, 64 * 1024)
+    good = cache.files[1].read_bytes()
+    cache.tear(1)
+    r = cache.reader()
+    try:
+        path, _ = cache.checked(1)
+        assert path is not None
+        old = r._fd(path, checked=False)  # opened on the torn file; its check has not run yet
+        replacement = tmp_path / "new"
+        replacement.write_bytes(good)
+        os.replace(replacement, path)  # the daemon caches the chunk again under the same name
+        assert _read(r, 0, len(data), lambda k: (str(cache.files[k]), None)) == data
+        assert r._fd(path, checked=True) not in (None, old)
+        assert (r.chunks_from_cache, r.chunks_checked, r.chunks_mismatched) == (3, 0, 0)
+    finally:
+        r.close()
