@@ -86,6 +86,9 @@ def _cmd_seed(args: argparse.Namespace) -> int:
         zstd_level=args.zstd_level,
         upload_concurrency=args.jobs,
     )
+    from lazyfs.seed import keep_freed_memory
+
+    keep_freed_memory()
     from lazyfs.image.reference import parse_image_ref
 
     image = parse_image_ref(args.src)

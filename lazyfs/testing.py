@@ -134,7 +134,7 @@ class MemoryOrigin:
         self._count(bytes_read=len(out))
         return out
 
-    async def write(self, key: str, data: bytes) -> None:
+    async def write(self, key: str, data: bytes | memoryview) -> None:
         check_key(key)
         self._count(writes=1)
         await self._enter()
@@ -309,7 +309,7 @@ class FaultyOrigin:
         await self._before("read", key)
         return self._damage(await self.inner.read(key, start, length))
 
-    async def write(self, key: str, data: bytes) -> None:
+    async def write(self, key: str, data: bytes | memoryview) -> None:
         await self._before("write", key)
         await self.inner.write(key, data)
 

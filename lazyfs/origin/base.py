@@ -12,7 +12,8 @@ Guarantees every implementation gives:
   ``length=None`` it reads to the end.  A missing object raises
   :class:`~lazyfs.errors.NotFoundError`.
 * ``write(key, data)`` is atomic: a reader sees the old object, or all of the
-  new one, never a prefix.  Read-only origins raise
+  new one, never a prefix.  ``data`` may be a view of a buffer its caller
+  reuses once the write returns: an origin that keeps the bytes copies them.  Read-only origins raise
   :class:`~lazyfs.errors.ReadOnlyError`.
 * ``list(prefix)`` returns the keys under ``prefix`` (sorted); origins that
   cannot list (a static HTTP server) raise :class:`~lazyfs.errors.ReadOnlyError`.
@@ -39,7 +40,7 @@ class Origin(Protocol):
 
     async def read(self, key: str, start: int = 0, length: int | None = None) -> bytes: ...
 
-    async def write(self, key: str, data: bytes) -> None: ...
+    async def write(self, key: str, data: bytes | memoryview) -> None: ...
 
     async def exists(self, key: str) -> bool: ...
 

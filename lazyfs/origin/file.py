@@ -10,7 +10,15 @@ Guarantees:
   file in the destination directory, ``fsync``\\ s it, ``rename``\\ s it over
   the key (atomic on POSIX within one file system) and ``fsync``\\ s the
   directory, so a reader sees the old object or all of the new one, and a
-  completed write survives a crash.  Parent directories are created as needed,
+  completed write survives a crash.
+* **Big objects bypass the page cache.**  A pack handed over in a page-aligned
+  buffer (what ``lazyfs seed`` does) is written with ``O_DIRECT``, up to its last
+  whole 4 KiB block; the tail, and any buffer the kernel will not take that way
+  (a ``bytes`` object, a file system without direct I/O), go through the page
+  cache.  The bytes are durable after the ``fsync`` either way, but a buffered
+  write copies them into fresh page-cache memory and then writes that back: on
+  the 2-core reference machine 1 GiB of packs cost 2.2-2.4 CPU-s and 4.0-4.2 s
+  buffered, 0.06 CPU-s and 2.4 s direct (seeding is CPU-bound there).  Parent directories are created as needed,
   the root included: seeding to a new directory just works.
 * **Listing** returns regular files only, sorted, never the temporary files of
   writes in progress.
@@ -24,6 +32,7 @@ import asyncio
 import builtins
 import contextlib
 import errno
+import fcntl
 import os
 import secrets
 from pathlib import Path
@@ -44,6 +53,11 @@ __all__ = ["FileOrigin"]
 # Temporary files of writes in progress end with this suffix (and start with a dot); `list`
 # skips them and keys may not use it, so a half-written object is never visible as a key.
 TEMP_SUFFIX = ".lazyfs-tmp"
+# Objects at least this big are written with O_DIRECT where the buffer allows it.
+DIRECT_MIN = 1024 * 1024
+# O_DIRECT wants buffer address, file offset and length aligned to the device's logical
+# block; 4 KiB satisfies every disk of 512 B or 4 KiB sectors.
+DIRECT_ALIGN = 4096
 
 
 class FileOrigin:
@@ -83,12 +97,12 @@ class FileOrigin:
         self._check_open()
         return await asyncio.to_thread(self._read_sync, key, start, length)
 
-    async def write(self, key: str, data: bytes) -> None:
+    async def write(self, key: str, data: bytes | memoryview) -> None:
         check_key(key)
         if key.endswith(TEMP_SUFFIX):
             raise UsageError(f"invalid origin key {key!r}: the suffix {TEMP_SUFFIX} is reserved")
         self._check_open()
-        await asyncio.to_thread(self._write_sync, key, bytes(data))
+        await asyncio.to_thread(self._write_sync, key, memoryview(data).cast("B"))
 
     async def exists(self, key: str) -> bool:
         check_key(key)
@@ -139,7 +153,7 @@ class FileOrigin:
         except OSError as exc:
             raise self._error(key, "stat", exc) from exc
 
-    def _write_sync(self, key: str, data: bytes) -> None:
+    def _write_sync(self, key: str, data: memoryview) -> None:
         path = self._path(key)
         parent = path.parent
         try:
@@ -156,9 +170,7 @@ class FileOrigin:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, data)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -197,6 +209,28 @@ class FileOrigin:
             raise self._error(prefix, "list", exc) from exc
         keys.sort()
         return keys
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    """Write ``data`` to the new file ``fd``: ``O_DIRECT`` for its whole blocks where the kernel
+    takes it (see the module docstring), the rest through the page cache."""
+    view = data
+    whole = len(view) - len(view) % DIRECT_ALIGN
+    if whole >= DIRECT_MIN:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
+            while len(data) - len(view) < whole:
+                view = view[os.write(fd, view[: whole - (len(data) - len(view))]) :]
+        except OSError as exc:
+            # EINVAL: a misaligned buffer (a bytes object) or a file system without direct
+            # I/O; nothing of the failed call was written.  Anything else is a real error.
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+        finally:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _walk_error(exc: OSError) -> None:

@@ -125,7 +125,7 @@ class HTTPOrigin:
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise UnavailableError(f"GET {url}: {self._describe(exc)}") from exc
 
-    async def write(self, key: str, data: bytes) -> None:
+    async def write(self, key: str, data: bytes | memoryview) -> None:
         check_key(key)
         raise ReadOnlyError(f"{self._base} is read-only: an http(s) origin cannot be written")
 

@@ -204,7 +204,7 @@ class S3Origin:
         self._bucket_confirmed = True
         return bytes(data)
 
-    async def write(self, key: str, data: bytes) -> None:
+    async def write(self, key: str, data: bytes | memoryview) -> None:
         check_key(key)
         store = await self._open_store()
         async with self._limit:

@@ -4,8 +4,11 @@ that need no server (the contract suite covers the shared behaviour)."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import mmap
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -241,6 +244,58 @@ async def test_file_origin_does_not_block_the_loop(tmp_path: Path) -> None:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
     assert ticks > 4
+
+
+def _direct_io_works(directory: Path) -> bool:
+    """Whether the file system under ``directory`` takes an aligned O_DIRECT write."""
+    buf = mmap.mmap(-1, 4096)
+    try:
+        fd = os.open(directory / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    try:
+        return os.write(fd, buf) == 4096
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        os.unlink(directory / "probe")
+
+
+async def test_file_origin_writes_aligned_buffers_past_the_page_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page-aligned buffer goes out with O_DIRECT up to its last whole block, the tail and a
+    ``bytes`` object through the page cache; the object is the same bytes either way."""
+    direct = _direct_io_works(tmp_path)
+    writes: list[tuple[bool, int]] = []
+    real_write = os.write
+
+    def spy(fd: int, data: Any) -> int:
+        n = real_write(fd, data)
+        writes.append((bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT), n))
+        return n
+
+    monkeypatch.setattr(os, "write", spy)
+    origin = FileOrigin(tmp_path)
+    size = 3 * 1024 * 1024 + 123  # whole blocks, then a 123-byte tail
+    data = os.urandom(size)
+    aligned = mmap.mmap(-1, size + 4096)
+    aligned[:size] = data
+    await origin.write("packs/aligned", memoryview(aligned)[:size])
+    assert (tmp_path / "packs" / "aligned").read_bytes() == data
+    if direct:
+        assert sum(n for d, n in writes if d) == size - 123 and sum(n for d, n in writes if not d) == 123
+    else:  # tmpfs before Linux 6.6, say: all through the page cache
+        assert not any(d for d, _ in writes) and sum(n for _, n in writes) == size
+    writes.clear()
+    await origin.write("packs/bytes", data)  # not aligned in memory: the kernel refuses O_DIRECT
+    assert (tmp_path / "packs" / "bytes").read_bytes() == data
+    assert not any(d for d, _ in writes) and sum(n for _, n in writes) == size
+    writes.clear()
+    await origin.write("small", memoryview(aligned)[:8192])  # small objects are not worth it
+    assert (tmp_path / "small").read_bytes() == data[:8192]
+    assert writes == [(False, 8192)]
 
 
 # --- HTTPOrigin without a server ----------------------------------------------------------------------

@@ -309,7 +309,7 @@ class InterruptedOrigin(FaultyOrigin):
         self.hang_after = hang
         self.stopped = asyncio.Event()  # set once a pack write is refused or held
 
-    async def write(self, key: str, data: bytes) -> None:
+    async def write(self, key: str, data: bytes | memoryview) -> None:
         if key.startswith("packs/"):
             if self.allowed > 0:
                 self.allowed -= 1
@@ -392,7 +392,7 @@ async def test_a_failed_reseed_leaves_the_old_ref(tree: Tree, memory_origin: Mem
 
 async def test_a_failed_manifest_write_leaves_no_ref(tree: Tree, memory_origin: MemoryOrigin) -> None:
     class NoManifests(FaultyOrigin):
-        async def write(self, key: str, data: bytes) -> None:
+        async def write(self, key: str, data: bytes | memoryview) -> None:
             if key.startswith("manifests/"):
                 self.fail_next(1, OriginError)
             await super().write(key, data)
