@@ -15,10 +15,17 @@ goes with the manifest (:class:`ImageConfig`).
 * :mod:`lazyfs.image.seed` — the glue (:func:`seed_image`)
 """
 
-from lazyfs.image.config import CONFIG_ANNOTATION, ImageConfig
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from lazyfs._lazy import lazy_attributes
 from lazyfs.image.reference import ImageRef, parse_image_ref
-from lazyfs.image.seed import ImageSeedResult, open_image_source, seed_image
-from lazyfs.image.source import ImageLimits, ImageOptions, Platform, host_platform
+
+if TYPE_CHECKING:
+    from lazyfs.image.config import CONFIG_ANNOTATION, ImageConfig
+    from lazyfs.image.seed import ImageSeedResult, open_image_source, seed_image
+    from lazyfs.image.source import ImageLimits, ImageOptions, Platform, host_platform
 
 __all__ = [
     "CONFIG_ANNOTATION",
@@ -33,3 +40,19 @@ __all__ = [
     "parse_image_ref",
     "seed_image",
 ]
+
+# The registry client pulls in aiohttp (~0.3 s): ``lazyfs seed DIR`` asks only whether SRC is an
+# image reference, so everything past the parser loads on first use.
+_LAZY = {
+    "CONFIG_ANNOTATION": "lazyfs.image.config",
+    "ImageConfig": "lazyfs.image.config",
+    "ImageSeedResult": "lazyfs.image.seed",
+    "open_image_source": "lazyfs.image.seed",
+    "seed_image": "lazyfs.image.seed",
+    "ImageLimits": "lazyfs.image.source",
+    "ImageOptions": "lazyfs.image.source",
+    "Platform": "lazyfs.image.source",
+    "host_platform": "lazyfs.image.source",
+}
+
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -12,6 +12,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -78,6 +80,22 @@ def test_seed_a_single_file(tmp_path: Path) -> None:
     shown = run_lazyfs("inspect", url, "w")
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.splitlines()[-1].split() == ["-rw-r--r--", "0", "0", "200,000", "1", "/weights.bin"]
+
+
+def test_seeding_a_directory_to_a_file_origin_loads_no_network_client(tmp_path: Path) -> None:
+    """aiohttp and obstore take ~0.3 s to import: a ``file://`` seed of a directory needs neither."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"x")
+    code = (
+        "import sys\n"
+        "from lazyfs.cli import main\n"
+        f"rc = main(['seed', {str(src)!r}, {(tmp_path / 'origin').as_uri()!r}, '--name', 'm', '-q'])\n"
+        "print(rc, sorted(m for m in ('aiohttp', 'obstore', 'lazyfs.image.registry') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "0 []"
 
 
 _ROW = re.compile(r"^(\S{10}) +(\d+) +(\d+) +([\d,]+) +(\d+)  (/.*?)(?: (-> .*|=> .*|\[\d+,\d+\]))?$")
