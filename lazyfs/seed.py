@@ -353,7 +353,8 @@ class _PackBuffers:
     At most ``upload_concurrency`` exist.  Used on the event loop thread only.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, size: int = 0) -> None:
+        self.size = size  # the usual pack size: a buffer holds any pack up to it
         self._free: list[mmap.mmap] = []
 
     def take(self, n: int) -> mmap.mmap:
@@ -361,7 +362,8 @@ class _PackBuffers:
             buf = self._free.pop()
             if len(buf) >= n:
                 return buf
-        return mmap.mmap(-1, max(n, 1))
+        # Private, not the default shared (shmem-backed) anonymous mapping.
+        return mmap.mmap(-1, max(n, self.size, 1), flags=mmap.MAP_PRIVATE)
 
     def give(self, buf: mmap.mmap) -> None:
         self._free.append(buf)
@@ -415,8 +417,10 @@ class _Uploads:
     async def _seal_and_upload(
         self, pieces: list[bytes], size: int, buf: mmap.mmap, sealed: Callable[[Pack], None]
     ) -> None:
+        reuse = True
         try:
             digest = await asyncio.to_thread(_join_and_hash, pieces, buf)
+            pieces.clear()  # the pack's bytes are in buf now: free the chunks' own copies
             pack = Pack(digest, size)
             sealed(pack)
             if await self.origin.exists(pack.key):
@@ -425,8 +429,12 @@ class _Uploads:
             await self.origin.write(pack.key, memoryview(buf)[:size])
             self.uploaded += 1
             self.bytes_written += size
+        except asyncio.CancelledError:
+            reuse = False  # a worker thread may still be copying into buf or writing from it
+            raise
         finally:
-            self.buffers.give(buf)  # the origin has written or copied the bytes: reuse it
+            if reuse:
+                self.buffers.give(buf)  # the origin has written or copied the bytes: reuse it
             self.limit.release()
 
     async def drain(self) -> None:
@@ -503,7 +511,7 @@ async def publish(
         builder.locate(d, loc)
     chunker = _Chunker(config, set(known))
     workers = config.workers or (os.cpu_count() or 1)
-    uploads = _Uploads(origin, asyncio.Semaphore(config.upload_concurrency))
+    uploads = _Uploads(origin, asyncio.Semaphore(config.upload_concurrency), buffers=_PackBuffers(config.pack_size))
     packer = _Packer(builder, uploads, config.pack_size)
     digests: dict[bytes, list[bytes]] = {f.path: [] for f in files}
     total = sum(f.size for f in files)

@@ -299,8 +299,8 @@ class CacheReader:
             if fd is None:
                 try:
                     fd = os.open(cache_path, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError:
-                    return None  # evicted or unreadable: the mount serves it
+                except (OSError, ValueError):  # ValueError: a path with a NUL byte
+                    return None  # evicted, unreadable or nonsense: the mount serves it
                 self._fds[cache_path] = fd
                 if checked:
                     self._trusted.add(fd)

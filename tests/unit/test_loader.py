@@ -827,5 +827,8 @@ def test_a_descriptor_opened_before_the_daemon_replaced_a_torn_file_is_not_trust
         assert _read(r, 0, len(data), lambda k: (str(cache.files[k]), None)) == data
         assert r._fd(path, checked=True) not in (None, old)
         assert (r.chunks_from_cache, r.chunks_checked, r.chunks_mismatched) == (3, 0, 0)
+        # A path no file can have (a hostile daemon's): that chunk through the mount, the load goes on.
+        assert _read(r, 0, len(data), lambda k: ("/c/\x00" if k == 2 else str(cache.files[k]), None)) == data
+        assert (r.chunks_from_cache, r.chunks_from_mount) == (5, 1)
     finally:
         r.close()

@@ -565,3 +565,47 @@ def test_stat_helpers_agree_with_the_kernel(tree: Tree) -> None:
     assert stat.S_IMODE(os.lstat(tree.root / "setuid").st_mode) == 0o4755
     assert os.lstat(tree.root / "hard-a").st_nlink == 3
     assert stat.S_ISSOCK(os.lstat(tree.root / "socket").st_mode)
+
+
+class _HeldWrites(MemoryOrigin):
+    """Pack writes wait until ``release`` is set; ``writing`` is set when one has begun."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def write(self, key: str, data: bytes | memoryview) -> None:
+        if key.startswith("packs/"):
+            self.writing.set()
+            await self.release.wait()
+        await super().write(key, data)
+
+
+async def test_a_pack_being_uploaded_holds_only_its_joined_bytes() -> None:
+    """Once a pack is joined, the chunks' own copies are let go; a cancelled upload's buffer is not reused."""
+    from lazyfs.manifest import Pack
+    from lazyfs.seed import _PackBuffers, _Uploads
+
+    origin = _HeldWrites()
+    uploads = _Uploads(origin, asyncio.Semaphore(2), buffers=_PackBuffers(1 << 20))
+    pieces = [os.urandom(1000), os.urandom(3000)]
+    located: list[Pack] = []
+    await uploads.submit(pieces, 4000, located.append)
+    await asyncio.wait_for(origin.writing.wait(), 10)
+    assert pieces == [] and len(located) == 1 and located[0].size == 4000
+    origin.release.set()
+    await uploads.drain()
+    assert len(origin.objects[located[0].key]) == 4000
+    assert len(uploads.buffers._free) == 1  # done: the buffer goes back for the next pack
+
+    origin.writing.clear()
+    origin.release.clear()
+    await uploads.submit([os.urandom(10)], 10, located.append)
+    await asyncio.wait_for(origin.writing.wait(), 10)
+    assert uploads.buffers._free == []
+    uploads.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await uploads.drain()
+    # A worker thread could still be writing from it: the cancelled upload's buffer is dropped, not reused.
+    assert uploads.buffers._free == []
