@@ -36,6 +36,7 @@ import os
 import socket
 import stat
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -168,6 +169,9 @@ class CacheReader:
     # module docstring).  False: the daemon checks every file before reporting it (the old way,
     # kept for bench/ab_cache_check.py).
     client_checks = True
+    # Cache files kept open between reads (one per chunk otherwise: a 15 GB file has 3,600, past
+    # the usual limit of 1,024 descriptors).  A plan reads each chunk once, in order.
+    max_open = 256
 
     def __init__(self, path: str, mount_root: str, socket_path: str, timeout: float = 120.0) -> None:
         self.path = path
@@ -181,13 +185,15 @@ class CacheReader:
         self._done = False
         self._cancelled = False
         self._cond = threading.Condition()
-        self._fds: dict[str, int] = {}
+        # Open cache files, least recently used first: at most max_open stay open between reads.
+        self._fds: OrderedDict[str, int] = OrderedDict()
+        self._users: dict[int, int] = {}  # reads in progress per descriptor: none is closed under one
+        self._doomed: set[int] = set()  # given up (torn, stale, evicted) while in use: closed at the last release
         # Descriptors whose bytes are known good: the file passed this reader's check, or was
         # opened after the daemon reported it checked.  A descriptor of a file not yet checked
         # may be of a torn file the daemon has replaced since (under the same name).
         self._trusted: set[int] = set()
         self._checking: dict[int, threading.Lock] = {}  # one check per descriptor at a time
-        self._retired: list[int] = []  # descriptors given up (torn, or not trusted), closed with the reader
         self._fd_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._conn: _UnixHTTPConnection | None = None
@@ -287,14 +293,14 @@ class CacheReader:
                 return _VIA_MOUNT  # the daemon stopped reporting: the mount (which has its own deadline)
             return self._ready[chunk]
 
-    def _fd(self, cache_path: str, checked: bool) -> int | None:
-        """A descriptor of ``cache_path``; ``checked``: the daemon reports the file there checked."""
+    def _acquire(self, cache_path: str, checked: bool) -> int | None:
+        """A descriptor of ``cache_path`` to read, until :meth:`_release`; ``checked``: the daemon
+        reports the file there checked.  ``None``: it cannot be opened (the mount serves it)."""
         with self._fd_lock:
             fd = self._fds.get(cache_path)
             if fd is not None and checked and fd not in self._trusted:
                 # Opened before the daemon checked the file: perhaps on a torn one it has replaced.
-                del self._fds[cache_path]
-                self._retired.append(fd)
+                self._retire_locked(cache_path, fd)
                 fd = None
             if fd is None:
                 try:
@@ -304,19 +310,50 @@ class CacheReader:
                 self._fds[cache_path] = fd
                 if checked:
                     self._trusted.add(fd)
+            else:
+                self._fds.move_to_end(cache_path)
+            self._users[fd] = self._users.get(fd, 0) + 1
+            if len(self._fds) > self.max_open:
+                for path, old in list(self._fds.items())[: len(self._fds) - self.max_open]:
+                    if old not in self._users:
+                        del self._fds[path]
+                        self._close_locked(old)
             return fd
+
+    def _release(self, fd: int) -> None:
+        with self._fd_lock:
+            left = self._users[fd] - 1
+            if left:
+                self._users[fd] = left
+                return
+            del self._users[fd]
+            if fd in self._doomed:
+                self._close_locked(fd)
+
+    def _retire(self, cache_path: str, fd: int) -> None:
+        """Open ``cache_path`` afresh next time; ``fd`` is closed once no thread reads it."""
+        with self._fd_lock:
+            self._retire_locked(cache_path, fd)
+
+    def _retire_locked(self, cache_path: str, fd: int) -> None:
+        if self._fds.get(cache_path) == fd:
+            del self._fds[cache_path]
+        if fd in self._users:
+            self._doomed.add(fd)
+        else:
+            self._close_locked(fd)
+
+    def _close_locked(self, fd: int) -> None:
+        # Forget everything known about the number first: the next open may reuse it.
+        self._trusted.discard(fd)
+        self._checking.pop(fd, None)
+        self._doomed.discard(fd)
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     def _check_lock(self, fd: int) -> threading.Lock:
         with self._fd_lock:
             return self._checking.setdefault(fd, threading.Lock())
-
-    def _drop_fd(self, cache_path: str) -> None:
-        """Open ``cache_path`` afresh next time.  The old descriptor is closed only by :meth:`close`:
-        another thread may be reading it, and a number closed under it could be reused by any open."""
-        with self._fd_lock:
-            fd = self._fds.pop(cache_path, None)
-            if fd is not None:
-                self._retired.append(fd)
 
     def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
         self._read_chunks(offset, views, self._wait)
@@ -342,9 +379,9 @@ class CacheReader:
                 else:
                     pending[i] = v[n:]
             cache_path, checksum = wait(chunk)
-            fd = self._fd(cache_path, checksum is None) if cache_path else None
+            fd = self._acquire(cache_path, checksum is None) if cache_path else None
             if fd is not None:
-                checked_here = False
+                used, checked_here = fd, False
                 try:
                     if checksum is None or fd in self._trusted:
                         preadv_full(fd, batch, offset - chunk * cs, cache_path or "")
@@ -358,13 +395,13 @@ class CacheReader:
                                 self._trusted.add(fd)
                                 checked_here = True
                 except LoaderIOError:
-                    self._drop_fd(cache_path or "")  # truncated meanwhile, say: the mount serves it
+                    self._retire(cache_path or "", used)  # truncated meanwhile, say: the mount serves it
                     fd = None
                 except _ChecksumMismatch:
                     log.warning("%s: cached chunk %d does not match its checksum; reading it through the mount",
                                 self.path, chunk)
                     # The daemon replaces a torn file by a new one under the same name: never reuse this one.
-                    self._drop_fd(cache_path or "")
+                    self._retire(cache_path or "", used)
                     fd = None
                     with self._cond:
                         self.chunks_mismatched += 1
@@ -372,6 +409,8 @@ class CacheReader:
                     with self._cond:
                         self.chunks_from_cache += 1
                         self.chunks_checked += checked_here
+                finally:
+                    self._release(used)
             if fd is None:
                 self.mount.readinto(offset, batch)
                 with self._cond:
@@ -394,13 +433,11 @@ class CacheReader:
             self._thread.join(timeout=5)
         if self._conn is not None:
             self._conn.close()
-        for fd in [*self._fds.values(), *self._retired]:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._fds.clear()
-        self._retired.clear()
-        self._trusted.clear()
-        self._checking.clear()
+        with self._fd_lock:
+            for fd in {*self._fds.values(), *self._doomed}:
+                self._close_locked(fd)
+            self._fds.clear()
+            self._users.clear()
         self.mount.close()
 
 

@@ -12,6 +12,7 @@ daemon's dependencies (the GPU machine has none of them).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import json
@@ -792,6 +793,41 @@ def test_the_cache_reader_checks_each_cache_file_once(tmp_path: Path) -> None:
         r.close()
 
 
+def _open_in(directory: Path) -> int:
+    """How many descriptors this process holds on files in ``directory``."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith(str(directory))
+    return n
+
+
+def test_the_cache_reader_keeps_a_bounded_number_of_files_open(tmp_path: Path) -> None:
+    """A big file's thousands of chunk files are not all held open: max_open, least recently used out."""
+    data = os.urandom(40 * 64 * 1024)
+    cache = _FakeCache(tmp_path, data, 64 * 1024)
+    r = cache.reader()
+    r.max_open = 3
+    try:
+        views = [memoryview(bytearray(len(data) // 4)) for _ in range(4)]
+        threads = [
+            threading.Thread(target=r._read_chunks, args=(i * len(v), [v], cache.checked)) for i, v in enumerate(views)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert b"".join(bytes(v) for v in views) == data
+        assert r.chunks_checked == 40 and r.chunks_from_mount == 0
+        assert _open_in(cache.dir) <= 3 and len(r._fds) <= 3 and not r._users and not r._doomed
+        # Evicted descriptors lost their trust with their number: reading again checks again.
+        assert _read(r, 0, len(data), cache.checked) == data
+        assert 40 < r.chunks_checked <= 80
+    finally:
+        r.close()
+    assert _open_in(cache.dir) == 0
+
+
 @pytest.mark.allow_warnings  # the reader warns about the torn file
 @pytest.mark.parametrize("chunk_size", [64 * 1024, 5 * MiB])  # one preadv per check; pieces through the scratch
 def test_the_cache_reader_reads_a_torn_chunk_through_the_mount(tmp_path: Path, chunk_size: int) -> None:
@@ -820,12 +856,17 @@ def test_a_descriptor_opened_before_the_daemon_replaced_a_torn_file_is_not_trust
     try:
         path, _ = cache.checked(1)
         assert path is not None
-        old = r._fd(path, checked=False)  # opened on the torn file; its check has not run yet
+        old = r._acquire(path, checked=False)  # a thread opened the torn file; its check has not run yet
         replacement = tmp_path / "new"
         replacement.write_bytes(good)
         os.replace(replacement, path)  # the daemon caches the chunk again under the same name
         assert _read(r, 0, len(data), lambda k: (str(cache.files[k]), None)) == data
-        assert r._fd(path, checked=True) not in (None, old)
+        new = r._acquire(path, checked=True)
+        assert new not in (None, old) and new in r._trusted and old not in r._trusted
+        assert old is not None and new is not None
+        r._release(new)
+        r._release(old)  # the last read of the stale descriptor ends: it is closed
+        assert old not in r._fds.values() and old not in r._users and old not in r._doomed
         assert (r.chunks_from_cache, r.chunks_checked, r.chunks_mismatched) == (3, 0, 0)
         # A path no file can have (a hostile daemon's): that chunk through the mount, the load goes on.
         assert _read(r, 0, len(data), lambda k: ("/c/\x00" if k == 2 else str(cache.files[k]), None)) == data
