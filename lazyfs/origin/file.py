@@ -10,7 +10,8 @@ Guarantees:
   file in the destination directory, ``fsync``\\ s it, ``rename``\\ s it over
   the key (atomic on POSIX within one file system) and ``fsync``\\ s the
   directory, so a reader sees the old object or all of the new one, and a
-  completed write survives a crash.
+  completed write survives a crash.  Parent directories are created as needed,
+  the root included: seeding to a new directory just works.
 * **Big objects bypass the page cache.**  A pack handed over in a page-aligned
   buffer (what ``lazyfs seed`` does) is written with ``O_DIRECT``, up to its last
   whole 4 KiB block; the tail, and any buffer the kernel will not take that way
@@ -18,8 +19,7 @@ Guarantees:
   cache.  The bytes are durable after the ``fsync`` either way, but a buffered
   write copies them into fresh page-cache memory and then writes that back: on
   the 2-core reference machine 1 GiB of packs cost 2.2-2.4 CPU-s and 4.0-4.2 s
-  buffered, 0.06 CPU-s and 2.4 s direct (seeding is CPU-bound there).  Parent directories are created as needed,
-  the root included: seeding to a new directory just works.
+  buffered, 0.06 CPU-s and 2.4 s direct (seeding is CPU-bound there).
 * **Listing** returns regular files only, sorted, never the temporary files of
   writes in progress.
 * A root that exists but is not a directory is refused when the origin is
@@ -221,7 +221,7 @@ def _write_all(fd: int, data: memoryview) -> None:
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
             while len(data) - len(view) < whole:
-                view = view[os.write(fd, view[: whole - (len(data) - len(view))]) :]
+                view = view[os.write(fd, view[: len(view) - len(data) + whole]) :]
         except OSError as exc:
             # EINVAL: a misaligned buffer (a bytes object) or a file system without direct
             # I/O; nothing of the failed call was written.  Anything else is a real error.
