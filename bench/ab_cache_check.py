@@ -1,10 +1,14 @@
-"""A/B: who checks a warm cache file's xxh3 when a fresh daemon serves a loader's plan.
+"""A/B of two ways a loader reads a warm lazyfs cache, each load on a fresh daemon.
 
-    python bench/ab_cache_check.py [--size 2GiB] [--pairs 4] [--hot]
+    python bench/ab_cache_check.py [--what checks|direct] [--size 2GiB] [--pairs 4] [--hot]
 
-A: the daemon reads and checks each chunk file before reporting it (the loader's plan without
-``"verify": "xxh3"``, read units not cut at chunk boundaries: the behaviour before 2026-11-28).
-B: the daemon reports unread files with their xxh3 and the loader checks them as it copies (now).
+``--what checks`` (default): who checks a warm cache file's xxh3.
+  A: the daemon reads and checks each chunk file before reporting it (the loader's plan without
+  ``"verify": "xxh3"``, read units not cut at chunk boundaries: the behaviour before 2026-11-28).
+  B: the daemon reports unread files with their xxh3 and the loader checks them as it copies.
+``--what direct``: how the loader reads cache files that are not in the page cache.
+  A: through the page cache, the daemon starting the kernel's read-ahead of each file (before
+  2026-11-28 16:00).  B: with ``O_DIRECT`` into a reused buffer, no read-ahead (now).
 
 Both run in one process, alternating A B / B A, each load on a fresh daemon over the same warm
 cache (filled once with ``lazyfs prefetch`` from a ``file://`` origin), the page cache dropped
@@ -52,8 +56,26 @@ def _daemon_checks() -> Callable[[], None]:
     return undo
 
 
+def _buffered() -> Callable[[], None]:
+    """Make this process's loader read cache files through the page cache, with the daemon's read-ahead."""
+    readers.CacheReader.direct = False
+
+    def undo() -> None:
+        readers.CacheReader.direct = True
+
+    return undo
+
+
+# --what: (what side A does, what side B does, switch to side A returning its undo)
+COMPARISONS: dict[str, tuple[str, str, Callable[[], Callable[[], None]]]] = {
+    "checks": ("daemon checks", "loader checks", _daemon_checks),
+    "direct": ("page cache + read-ahead", "O_DIRECT", _buffered),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--what", choices=sorted(COMPARISONS), default="checks", help="what to compare (see above)")
     p.add_argument("--dir", type=Path, default=Path("/var/tmp/lazyfs-bench"), help="bench directory (cached input)")
     p.add_argument("--size", type=parse_size, default=parse_size("2GiB"))
     p.add_argument("--pairs", type=int, default=4, help="A/B pairs (default 4)")
@@ -71,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_memory(6)
         for i in range(a.pairs):
             for side in ("A", "B") if i % 2 == 0 else ("B", "A"):
-                undo = _daemon_checks() if side == "A" else (lambda: None)
+                undo = COMPARISONS[a.what][2]() if side == "A" else (lambda: None)
                 try:
                     with Mount(origin, ref, run / f"mnt{i}{side}", cache) as m:
                         assert m.pid is not None
@@ -96,11 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps({"side": side, "seconds": round(dt, 3), "gbps": round(a.size / dt / 1e9, 2),
                                   "daemon_cpu_s": round(d1 - d0, 2), "loader_cpu_s": round(loader_cpu, 2),
                                   "loader_minflt": r1.ru_minflt - r0.ru_minflt, "checked": st.chunks_checked,
-                                  "from_cache": st.chunks_from_cache}), flush=True)
+                                  "from_cache": st.chunks_from_cache, "direct_mib": st.bytes_direct >> 20}),
+                      flush=True)
     finally:
         shutil.rmtree(run, ignore_errors=True)
     for side, xs in times.items():
-        what = "daemon checks" if side == "A" else "loader checks"
+        what = COMPARISONS[a.what][0 if side == "A" else 1]
         print(f"{side} ({what}): median {statistics.median(xs):.2f} s of {[round(x, 2) for x in xs]}")
     print(f"B / A: {statistics.median(times['B']) / statistics.median(times['A']):.2f} (below 1: B is faster)")
     return 0

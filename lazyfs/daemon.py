@@ -256,12 +256,16 @@ def _control_app(m: MountedFs) -> web.Application:
         has not checked yet is reported at once with ``"xxh3": "<16 hex digits>"``, the
         checksum its bytes must have, instead of being read here first.  Without it (or for
         a chunk fetched or checked by this process) the reported file is already checked.
+        Such a file is handed to the kernel's read-ahead, unless the body says
+        ``"readahead": false`` (the loader reads files that are not in the page cache with
+        ``O_DIRECT``: read-ahead would read them a second time, into memory nobody uses).
         """
         try:
             body = await request.json()
             rel = os.fsencode(str(body["path"])).strip(b"/")
             ranges = [(int(a), int(b)) for a, b in body["ranges"]]
             client_checks = body.get("verify") == "xxh3"
+            readahead = body.get("readahead", True) is not False
         except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
         entry = m.manifest.entry(rel)
@@ -284,7 +288,7 @@ def _control_app(m: MountedFs) -> web.Application:
             digest = m.manifest.chunks[index].digest
             try:
                 if client_checks:
-                    located = m.store.locate(digest)
+                    located = m.store.locate(digest, readahead=readahead)
                     if located is None:
                         return None
                     path, checksum = located

@@ -51,7 +51,7 @@ from lazyfs.errors import LazyfsError, UsageError
 from lazyfs.loader.errors import HeaderError, LoaderError, LoaderIOError
 from lazyfs.loader.header import DTYPE_BITS, DTYPE_SIZES, Header, TensorInfo
 from lazyfs.loader.plan import MAX_READ, ReadUnit, plan_reads
-from lazyfs.loader.readers import CacheReader, RangeReader, open_reader
+from lazyfs.loader.readers import CacheReader, PlainReader, RangeReader, open_reader
 
 __all__ = [
     "DTYPE_SIZES",
@@ -149,6 +149,7 @@ class LoadStatistics:
     chunks_from_mount: int  # fast path: chunks the daemon could not cache, read through the mount
     chunks_checked: int = 0  # of chunks_from_cache: checked by the loader (the daemon had not read them)
     chunks_mismatched: int = 0  # cache files whose bytes failed that check (read through the mount)
+    bytes_direct: int = 0  # read with O_DIRECT: not in the page cache (lazyfs.loader.direct)
 
     @property
     def gbps(self) -> float:
@@ -593,6 +594,7 @@ def iter_tensors(
                         bar.advance(tensor.numel() * tensor.element_size())
                     yield name, tensor
         readers = [s.reader for s in sources if isinstance(s.reader, CacheReader)]
+        plain = [s.reader for s in sources if isinstance(s.reader, PlainReader)]
         stats = LoadStatistics(
             files=len(sources),
             tensors=count,
@@ -603,6 +605,7 @@ def iter_tensors(
             chunks_from_mount=sum(r.chunks_from_mount for r in readers),
             chunks_checked=sum(r.chunks_checked for r in readers),
             chunks_mismatched=sum(r.chunks_mismatched for r in readers),
+            bytes_direct=sum(r.bytes_direct for r in readers) + sum(r.bytes_direct for r in plain),
         )
         _last_stats[0] = stats
         log.info(

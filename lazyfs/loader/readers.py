@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 import xxhash
 
+from lazyfs.loader.direct import DirectRefused, open_direct, read_direct, uncached
 from lazyfs.loader.errors import LoaderIOError
 from lazyfs.loader.header import Header, read_header, read_header_with
 
@@ -57,6 +58,9 @@ IOV_MAX = 1024
 SCRATCH = 1024 * 1024
 # The manifest's own limit: a daemon naming a bigger chunk size is not to be believed.
 MAX_CHUNK_SIZE = 256 * 1024 * 1024
+# Reads at least this long whose bytes are not in the page cache skip it (lazyfs.loader.direct);
+# smaller ones (a header) are not worth a cachestat and a second descriptor.
+DIRECT_MIN = 256 * 1024
 _scratch = threading.local()
 
 # What the daemon says about one chunk: (cache file path or None for "read it through the
@@ -112,11 +116,30 @@ def preadv_full(fd: int, views: Sequence[memoryview], offset: int, path: str) ->
                 n = 0
 
 
-class PlainReader:
-    """``preadv`` on an ordinary file descriptor (a local file, or a file on any mount)."""
+def _no_readahead(fd: int) -> None:
+    """Buffered reads of ``fd`` read what they are asked for and no more.
 
-    def __init__(self, path: str) -> None:
+    For a reader that reads uncached bytes with ``O_DIRECT``: the kernel's read-ahead after
+    a small buffered read (the header) would pull the next megabytes into the page cache,
+    the next read would find them there and read buffered, and so on to the end of the file.
+    """
+    with contextlib.suppress(OSError):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+
+
+class PlainReader:
+    """``preadv`` on an ordinary file descriptor (a local file, or a file on any mount).
+
+    ``direct``: large reads of bytes that are not in the page cache use ``O_DIRECT``
+    (:mod:`lazyfs.loader.direct`).  Not for a file on a lazyfs mount: FUSE would only
+    pass the flag on to the daemon.
+    """
+
+    def __init__(self, path: str, direct: bool = False) -> None:
         self.path = path
+        self.dfd: int | None = None
+        self.bytes_direct = 0
+        self._count_lock = threading.Lock()
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
@@ -130,11 +153,28 @@ class PlainReader:
             os.close(self.fd)
             raise LoaderIOError(f"{path}: not a regular file")
         self.size = st.st_size
+        if direct:
+            self.dfd = open_direct(self.fd)
+            if self.dfd is not None:
+                _no_readahead(self.fd)
+        self._direct = self.dfd is not None
 
     def read_header(self) -> Header:
         return read_header(self.path, self.fd)
 
     def readinto(self, offset: int, views: Sequence[memoryview]) -> None:
+        dfd = self.dfd
+        total = sum(len(v) for v in views)
+        if dfd is not None and self._direct and total >= DIRECT_MIN and uncached(self.fd, offset, total):
+            try:
+                read_direct(dfd, self.path, offset, offset + total, offset, views)
+            except DirectRefused:
+                self._direct = False  # this file system (or device) will not: buffered from now on
+                log.info("%s: direct reads refused; reading through the page cache", self.path)
+            else:
+                with self._count_lock:
+                    self.bytes_direct += total
+                return
         preadv_full(self.fd, views, offset, self.path)
 
     def cancel(self) -> None:
@@ -142,6 +182,8 @@ class PlainReader:
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
+            if self.dfd is not None:
+                os.close(self.dfd)
             os.close(self.fd)
 
 
@@ -172,6 +214,9 @@ class CacheReader:
     # Cache files kept open between reads (one per chunk otherwise: a 15 GB file has 3,600, past
     # the usual limit of 1,024 descriptors).  A plan reads each chunk once, in order.
     max_open = 256
+    # Read cache files that are not in the page cache with O_DIRECT (lazyfs.loader.direct), and
+    # ask the daemon not to start the kernel's read-ahead of them, which would read them twice.
+    direct = True
 
     def __init__(self, path: str, mount_root: str, socket_path: str, timeout: float = 120.0) -> None:
         self.path = path
@@ -201,6 +246,7 @@ class CacheReader:
         self.chunks_from_mount = 0
         self.chunks_checked = 0  # read from the cache and checked here against the daemon's xxh3
         self.chunks_mismatched = 0  # of those, bytes that did not match: read through the mount
+        self.bytes_direct = 0  # read from cache files with O_DIRECT
 
     def _open_plan(self, ranges: Sequence[tuple[int, int]]) -> tuple[_UnixHTTPConnection, Any]:
         """POST the plan; returns the connection and the response, its first line consumed."""
@@ -208,6 +254,8 @@ class CacheReader:
         plan: dict[str, Any] = {"path": self.rel, "ranges": [list(r) for r in ranges]}
         if self.client_checks:
             plan["verify"] = "xxh3"
+        if self.direct:
+            plan["readahead"] = False
         body = json.dumps(plan)
         try:
             conn.request("POST", "/plan", body=body, headers={"Content-Type": "application/json"})
@@ -308,6 +356,8 @@ class CacheReader:
                 except (OSError, ValueError):  # ValueError: a path with a NUL byte
                     return None  # evicted, unreadable or nonsense: the mount serves it
                 self._fds[cache_path] = fd
+                if self.direct:
+                    _no_readahead(fd)
                 if checked:
                     self._trusted.add(fd)
             else:
@@ -382,16 +432,17 @@ class CacheReader:
             fd = self._acquire(cache_path, checksum is None) if cache_path else None
             if fd is not None:
                 used, checked_here = fd, False
+                start = offset - chunk * cs
                 try:
                     if checksum is None or fd in self._trusted:
-                        preadv_full(fd, batch, offset - chunk * cs, cache_path or "")
+                        self._read_trusted(fd, cache_path or "", batch, start, take)
                     else:
                         with self._check_lock(fd):  # another thread may be checking this file
                             if fd in self._trusted:
-                                preadv_full(fd, batch, offset - chunk * cs, cache_path or "")
+                                self._read_trusted(fd, cache_path or "", batch, start, take)
                             else:
                                 chunk_len = min(cs, self.mount.size - chunk * cs)
-                                _read_checked(fd, cache_path or "", batch, offset - chunk * cs, chunk_len, checksum)
+                                self._read_checked(fd, cache_path or "", batch, start, chunk_len, checksum)
                                 self._trusted.add(fd)
                                 checked_here = True
                 except LoaderIOError:
@@ -417,6 +468,47 @@ class CacheReader:
                     self.chunks_from_mount += 1
             offset += take
 
+    def _try_direct(
+        self, fd: int, path: str, lo: int, hi: int, start: int, batch: list[memoryview], hasher: Any = None
+    ) -> bool:
+        """Read ``[lo, hi)`` of a cache file with O_DIRECT if none of it is cached; whether it was."""
+        if not self.direct or hi - lo < DIRECT_MIN or not uncached(fd, lo, hi - lo):
+            return False
+        dfd = open_direct(fd)
+        if dfd is None:
+            return False
+        try:
+            read_direct(dfd, path, lo, hi, start, batch, hasher)
+        except DirectRefused:
+            self.direct = False  # this file system (or device) will not: buffered from now on
+            log.info("%s: direct reads of the lazyfs cache refused; reading through the page cache", self.path)
+            return False
+        finally:
+            os.close(dfd)
+        with self._cond:
+            self.bytes_direct += hi - lo
+        return True
+
+    def _read_trusted(self, fd: int, path: str, batch: list[memoryview], start: int, length: int) -> None:
+        """Bytes ``[start, start + length)`` of a cache file known good: only those are read."""
+        if not self._try_direct(fd, path, start, start + length, start, batch):
+            preadv_full(fd, batch, start, path)
+
+    def _read_checked(
+        self, fd: int, path: str, batch: list[memoryview], start: int, chunk_len: int, checksum: int
+    ) -> None:
+        """The whole chunk file is read and its xxh3 checked; ``batch`` gets ``[start, start + len)``.
+
+        Raises :class:`_ChecksumMismatch` when the bytes are not the chunk's (``batch`` then
+        holds them; the caller overwrites it).
+        """
+        hasher = xxhash.xxh3_64()
+        if not self._try_direct(fd, path, 0, chunk_len, start, batch, hasher):
+            hasher = xxhash.xxh3_64()  # a refused direct read may have fed it part of the chunk
+            _read_hashed(fd, path, batch, start, chunk_len, hasher)
+        if hasher.intdigest() != checksum:
+            raise _ChecksumMismatch
+
     def cancel(self) -> None:
         with self._cond:
             self._cancelled = True
@@ -441,20 +533,18 @@ class CacheReader:
         self.mount.close()
 
 
-def _read_checked(fd: int, path: str, batch: list[memoryview], start: int, chunk_len: int, checksum: int) -> None:
-    """Read a whole chunk file, ``batch`` getting bytes ``[start, start + len(batch))``; check its xxh3.
+def _read_hashed(fd: int, path: str, batch: list[memoryview], start: int, chunk_len: int, hasher: Any) -> None:
+    """Read a whole chunk file through the page cache, ``batch`` getting bytes ``[start, start + len)``;
+    ``hasher`` sees every byte of the chunk in order.
 
     The bytes before and after the wanted ones (a header, a tensor the plan skips) pass
-    through this thread's scratch buffer, :data:`SCRATCH` bytes at a time: the check needs
-    every byte of the chunk, in order.  Raises :class:`_ChecksumMismatch` when the bytes are
-    not the chunk's (``batch`` then holds them; the caller overwrites it).
+    through this thread's scratch buffer, :data:`SCRATCH` bytes at a time.
     """
     end = start + sum(len(v) for v in batch)
     buf: bytearray | None = getattr(_scratch, "buf", None)
     if buf is None:
         buf = _scratch.buf = bytearray(SCRATCH)
     spare = memoryview(buf)
-    hasher = xxhash.xxh3_64()
 
     def skip(at: int, stop: int) -> None:
         while at < stop:
@@ -476,8 +566,6 @@ def _read_checked(fd: int, path: str, batch: list[memoryview], start: int, chunk
         for part in batch:
             hasher.update(part)
         skip(end, chunk_len)
-    if hasher.intdigest() != checksum:
-        raise _ChecksumMismatch
 
 
 def _record(ev: Any, ready: dict[int, Located], errors: dict[int, str]) -> None:
@@ -536,4 +624,4 @@ def open_reader(path: str, *, fast_path: bool = True) -> RangeReader:
             reader = CacheReader(real, found[0], found[1])
             reader.path = reader.mount.path = path  # errors name the path the caller gave
             return reader
-    return PlainReader(path)
+    return PlainReader(path, direct=True)

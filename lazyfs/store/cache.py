@@ -470,7 +470,7 @@ class ChunkStore:
         self._hit(digest)
         return self._chunk_path(digest)
 
-    def locate(self, digest: bytes) -> tuple[Path, int | None] | None:
+    def locate(self, digest: bytes, readahead: bool = True) -> tuple[Path, int | None] | None:
         """Where a present chunk's file is, without reading it: ``(path, xxh3)`` or None on a miss.
 
         ``xxh3`` is None when this process has already checked the file; otherwise it is
@@ -478,7 +478,8 @@ class ChunkStore:
         (the loader does, as it copies them) and treat a mismatch as a miss.  This spares
         a full read of every chunk whose reader will read it anyway.  An unchecked file is
         opened and handed to the kernel's read-ahead (``POSIX_FADV_WILLNEED``), so the
-        disk reads run here, ahead of the reader, as the check used to make them.
+        disk reads run here, ahead of the reader, as the check used to make them; not with
+        ``readahead=False``, for a reader that reads uncached files with ``O_DIRECT``.
         """
         self._check_open()
         _check_digest(digest)
@@ -501,7 +502,8 @@ class ChunkStore:
             self._count("misses")
             return None
         try:
-            os.posix_fadvise(fd, 0, entry.size, os.POSIX_FADV_WILLNEED)
+            if readahead:
+                os.posix_fadvise(fd, 0, entry.size, os.POSIX_FADV_WILLNEED)
         except OSError:
             pass  # only a hint
         finally:

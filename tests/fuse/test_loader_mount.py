@@ -36,7 +36,8 @@ import safetensors.torch
 import torch
 
 from lazyfs.loader import LoaderError, api, iter_tensors, last_statistics, load_file, safe_open
-from lazyfs.loader.readers import CacheReader
+from lazyfs.loader.direct import uncached
+from lazyfs.loader.readers import DIRECT_MIN, CacheReader
 from tests.helpers import run_lazyfs
 from tools.test_origin import OriginProcess, start_test_origin
 
@@ -310,6 +311,61 @@ def test_a_fresh_daemon_leaves_the_check_of_cache_files_to_the_loader(
         assert reader.chunks_checked == distinct and reader.chunks_mismatched == 0
     finally:
         source.close()
+
+
+def _drop_from_page_cache(files: list[Path]) -> None:
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _cached_pages(files: list[Path]) -> int:
+    n = 0
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            n += sum(not uncached(fd, at, 4096) for at in range(0, os.fstat(fd).st_size - 4095, 4096))
+        finally:
+            os.close(fd)
+    return n
+
+
+def test_cache_files_out_of_the_page_cache_are_read_direct(published: Published, mounts: Mounts) -> None:
+    """With 1 MiB chunks, a fresh daemon and its cache files out of the page cache, the loader
+    reads and checks them with O_DIRECT and leaves them out of it (the daemon starts no read-ahead)."""
+    ref_name = "loader:mib"
+    run = run_lazyfs(
+        "seed", str(published.src), published.file_url, "--name", ref_name, "--chunk-size", "1MiB", "-q", timeout=120
+    )
+    assert run.returncode == 0, run.stderr
+    mp = mounts(published.file_url, ref_name)
+    path = mp / "model" / "model.safetensors"
+    ref = safetensors.torch.load_file(published.src / "model" / "model.safetensors")
+    assert_same(load_file(path), ref)  # cold: the daemon just wrote the files, they are in the page cache
+    s = last_statistics()
+    assert s is not None and s.bytes_direct == 0 and s.chunks_from_cache > 0
+
+    mounts.remount(mp, published.file_url, ref_name)
+    files = sorted(p for p in (mounts.cache_of(mp) / "chunks").rglob("*") if p.is_file())
+    size = (published.src / "model" / "model.safetensors").stat().st_size
+    assert len(files) == -(-size // MiB)
+    _drop_from_page_cache(files)
+    assert _cached_pages(files) == 0
+    assert_same(load_file(path), ref)
+    s = last_statistics()
+    assert s is not None and s.chunks_checked == len(files) and s.chunks_mismatched == 0
+    assert s.bytes_direct >= s.bytes - MiB  # all but the header and a last chunk under DIRECT_MIN
+    # Nothing pulled into the page cache behind the loader's back: the header's pages (read
+    # buffered, ~20 KiB), and a last chunk too small to be worth a direct read, at most.
+    assert _cached_pages([f for f in files if f.stat().st_size >= DIRECT_MIN]) <= 8
+
+    assert_same(load_file(path, fast_path=False), ref)  # through FUSE: never O_DIRECT there
+    s = last_statistics()
+    assert s is not None and s.bytes_direct == 0 and s.chunks_from_cache == 0
 
 
 def test_sharded_and_symlinked_models_on_a_mount(published: Published, file_mount: Path) -> None:

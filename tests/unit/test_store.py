@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,6 +23,7 @@ from blake3 import blake3
 
 import lazyfs
 from lazyfs.errors import CacheError, UsageError
+from lazyfs.loader.direct import uncached
 from lazyfs.store import ChunkStore, StoreStatistics
 
 REPO = Path(lazyfs.__file__).resolve().parent.parent
@@ -155,6 +157,41 @@ def test_locate_leaves_the_check_of_unread_files_to_the_caller(
         assert s.locate(make_chunk(9)[0]) is None
         st = s.statistics()
         assert (st.hits, st.misses) == (0, 2)
+
+
+def test_locate_starts_read_ahead_unless_told_not_to(tmp_path: Path) -> None:
+    """An unchecked file goes to the kernel's read-ahead; not for a caller that reads it with O_DIRECT."""
+    digest, data = make_chunk(11, 2 * 1024 * 1024)
+    with ChunkStore.open(tmp_path / "c") as s:
+        s.put(digest, data)
+        path = s.directory / "chunks" / digest.hex()[:2] / digest.hex()
+
+    def cached() -> bool:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            return not uncached(fd, 0, len(data))
+        finally:
+            os.close(fd)
+
+    def evict() -> None:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        assert not cached()
+
+    with ChunkStore.open(tmp_path / "c") as s:
+        evict()
+        assert s.locate(digest, readahead=False) == (path, xxhash.xxh3_64_intdigest(data))
+        time.sleep(0.2)
+        assert not cached()
+        assert s.locate(digest) == (path, xxhash.xxh3_64_intdigest(data))
+        deadline = time.monotonic() + 10
+        while not cached() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cached()
 
 
 def test_closed_store_raises(tmp_path: Path) -> None:

@@ -1,0 +1,288 @@
+"""The loader's direct reads (``lazyfs.loader.direct``): bytes not in the page cache skip it.
+
+Every test drops its file from the page cache first (``fsync`` then ``POSIX_FADV_DONTNEED``,
+checked with ``cachestat``), so the reads really are ``O_DIRECT``; the file system under
+pytest's temporary directory must take direct I/O, as every disk file system does.
+Covered: exact bytes at unaligned offsets, into split and into aligned destinations; the
+hasher sees every byte in order; end of file; the decision (whole pages only, a cached
+range reads buffered, a buffered read does not pull the rest of the file in); loads
+through ``PlainReader`` and ``CacheReader`` (checked chunks, a torn chunk, a refused direct
+read); never on a FUSE file.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import xxhash
+
+from lazyfs.loader import LoaderIOError, last_statistics, load_file, readers
+from lazyfs.loader import direct as D
+from lazyfs.loader.readers import DIRECT_MIN, CacheReader, PlainReader
+
+MiB = 1024 * 1024
+
+
+def drop(path: Path) -> None:
+    """Write ``path`` back and evict it from the page cache (no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        pages = -(-os.fstat(fd).st_size // D.ALIGN) * D.ALIGN
+        assert D.uncached(fd, 0, pages), f"{path} stayed in the page cache"
+    finally:
+        os.close(fd)
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> tuple[Path, bytes]:
+    data = os.urandom(9 * MiB + 1234)
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    drop(path)
+    return path, data
+
+
+def _direct_fd(path: Path) -> tuple[int, int]:
+    fd = os.open(path, os.O_RDONLY)
+    dfd = D.open_direct(fd)
+    assert dfd is not None, "the temporary directory's file system refuses O_DIRECT"
+    return fd, dfd
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi", "offset", "end", "cuts"),
+    [
+        (0, 9 * MiB + 1234, 0, 9 * MiB + 1234, [1, 4095, 3 * MiB]),  # the whole file, split views, partial last block
+        (12345, 6 * MiB + 7, 12345, 6 * MiB + 7, []),  # unaligned both ends, one view across the bounce size
+        (0, 5 * MiB, 4096 + 3, 5 * MiB - 999, [100]),  # a hashed chunk whose wanted bytes are in the middle
+        (4 * MiB, 9 * MiB + 1234, 9 * MiB, 9 * MiB + 1234, []),  # wanted bytes at the very end
+    ],
+)
+def test_read_direct_gives_the_exact_bytes_and_hashes_the_whole_range(
+    blob: tuple[Path, bytes], lo: int, hi: int, offset: int, end: int, cuts: list[int]
+) -> None:
+    path, data = blob
+    fd, dfd = _direct_fd(path)
+    try:
+        buf = bytearray(end - offset)
+        views, at = [], 0
+        for c in [*cuts, len(buf)]:
+            views.append(memoryview(buf)[at:c])
+            at = c
+        hasher = xxhash.xxh3_64()
+        D.read_direct(dfd, str(path), lo, hi, offset, views, hasher)
+        assert bytes(buf) == data[offset:end]
+        assert hasher.intdigest() == xxhash.xxh3_64_intdigest(data[lo:hi])
+        assert D.uncached(fd, 0, len(data)), "a direct read left the file in the page cache"
+    finally:
+        os.close(dfd)
+        os.close(fd)
+
+
+def test_read_direct_straight_into_an_aligned_destination(
+    blob: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page-aligned buffer (a pinned ring slot) at an aligned offset is read into without a bounce."""
+    path, data = blob
+    fd, dfd = _direct_fd(path)
+    dest = mmap.mmap(-1, 8 * MiB)
+    view = memoryview(dest)
+    try:
+        base = D._address(view)
+        into_dest: list[bool] = []
+        real = D._pread
+
+        def spy(dfd_: int, v: memoryview, offset: int, p: str) -> int:
+            into_dest.append(base <= D._address(v) < base + len(view))
+            return real(dfd_, v, offset, p)
+
+        monkeypatch.setattr(D, "_pread", spy)
+        D.read_direct(dfd, str(path), MiB, 9 * MiB - 100, MiB, [view[: 8 * MiB - 100]])
+        assert bytes(view[: 8 * MiB - 100]) == data[MiB : 9 * MiB - 100]
+        # The whole blocks went straight in, the last partial block through the bounce buffer.
+        assert into_dest == [True, False]
+    finally:
+        view.release()
+        dest.close()
+        os.close(dfd)
+        os.close(fd)
+
+
+def test_read_direct_past_the_end_of_the_file_is_an_error(blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+    fd, dfd = _direct_fd(path)
+    try:
+        with pytest.raises(LoaderIOError, match="unexpected end of file"):
+            short = memoryview(bytearray(len(data) + 10 - 8 * MiB))
+            D.read_direct(dfd, str(path), 8 * MiB, len(data) + 10, 8 * MiB, [short])
+    finally:
+        os.close(dfd)
+        os.close(fd)
+
+
+def test_uncached_counts_whole_pages_only(blob: tuple[Path, bytes]) -> None:
+    path, _ = blob
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)  # no read-ahead: a read caches what it reads
+        assert D.uncached(fd, 0, MiB)
+        os.pread(fd, 10, 2 * MiB + 5)  # one page cached
+        assert not D.uncached(fd, 2 * MiB, MiB) and not D.uncached(fd, MiB, 2 * MiB)
+        # Ranges that share only part of that page, as a neighbouring read unit would: still uncached.
+        assert D.uncached(fd, 2 * MiB + 100, MiB) and D.uncached(fd, MiB, MiB + 1)
+        assert not D.uncached(fd, 0, 100)  # no whole page: never worth a direct read
+    finally:
+        os.close(fd)
+
+
+def _model(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    import safetensors.torch
+
+    g = torch.Generator().manual_seed(5)
+    ref = {f"w{i}": torch.randn(3000 + 7 * i, 257, generator=g).to(torch.bfloat16) for i in range(12)}
+    ref["small"] = torch.arange(77, dtype=torch.int32)
+    path = tmp_path / "model.safetensors"
+    safetensors.torch.save_file(ref, path)
+    return path, ref
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_load_off_a_mount_reads_an_uncached_file_direct(tmp_path: Path, threads: int) -> None:
+    path, ref = _model(tmp_path)
+    drop(path)
+    got = load_file(path, threads=threads)
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
+    st = last_statistics()
+    assert st is not None
+    # All but the units that share a page with the header (read buffered, 8 bytes first): one
+    # buffered read must not make the rest of the file "cached" (the read-ahead is off).
+    assert st.bytes_direct >= st.bytes - 16 * MiB and st.bytes_direct > 0
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert sum(not D.uncached(fd, o, MiB) for o in range(0, st.bytes, MiB)) <= 1
+        os.pread(fd, st.bytes + 4096, 0)  # now the file is in the page cache: the load copies it from there
+    finally:
+        os.close(fd)
+    got = load_file(path, threads=threads)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    st = last_statistics()
+    assert st is not None and st.bytes_direct == 0
+
+
+def test_a_refused_direct_read_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path, ref = _model(tmp_path)
+    drop(path)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise D.DirectRefused
+
+    monkeypatch.setattr(readers, "read_direct", refuse)
+    got = load_file(path)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    st = last_statistics()
+    assert st is not None and st.bytes_direct == 0
+
+
+class _Chunks:
+    """A file and its 1 MiB chunks, one cache file each, dropped from the page cache."""
+
+    size = MiB
+
+    def __init__(self, tmp_path: Path, data: bytes) -> None:
+        self.path = tmp_path / "model.bin"
+        self.path.write_bytes(data)
+        (tmp_path / "c").mkdir()
+        self.files: list[Path] = []
+        self.sums: list[int] = []
+        for k, at in enumerate(range(0, len(data), self.size)):
+            f = tmp_path / "c" / str(k)
+            f.write_bytes(data[at : at + self.size])
+            drop(f)
+            self.files.append(f)
+            self.sums.append(xxhash.xxh3_64_intdigest(data[at : at + self.size]))
+
+    def reader(self) -> CacheReader:
+        r = CacheReader(str(self.path), str(self.path.parent), "/nonexistent.sock")
+        r.chunk_size = self.size
+        return r
+
+    def checked(self, k: int) -> tuple[str | None, int | None]:
+        return str(self.files[k]), self.sums[k]
+
+
+def _read(r: CacheReader, offset: int, n: int, lookup: object) -> bytes:
+    buf = bytearray(n)
+    r._read_chunks(offset, [memoryview(buf)], lookup)  # type: ignore[arg-type]
+    return bytes(buf)
+
+
+def test_the_cache_reader_checks_uncached_chunks_with_direct_reads(tmp_path: Path) -> None:
+    data = os.urandom(5 * MiB + 999)
+    chunks = _Chunks(tmp_path, data)
+    r = chunks.reader()
+    assert chunks.size >= DIRECT_MIN
+    try:
+        assert _read(r, 0, 8, chunks.checked) == data[:8]  # a header read: chunk 0 checked whole, direct
+        assert (r.chunks_checked, r.bytes_direct) == (1, MiB)
+        assert _read(r, 300, len(data) - 300, chunks.checked) == data[300:]
+        assert (r.chunks_checked, r.chunks_mismatched, r.chunks_from_mount) == (6, 0, 0)
+        # Chunk 0 again (trusted now) as a direct read of just the wanted bytes; the last chunk
+        # (999 bytes: no whole page) read buffered.
+        assert r.bytes_direct == MiB + 4 * MiB + (MiB - 300)
+        for f in chunks.files[:5]:  # the 999-byte last one was read buffered
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                assert D.uncached(fd, 0, MiB), f"{f} is in the page cache"
+            finally:
+                os.close(fd)
+    finally:
+        r.close()
+
+
+@pytest.mark.allow_warnings  # the reader warns about the torn file
+def test_a_torn_chunk_read_direct_goes_through_the_mount(tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB)
+    chunks = _Chunks(tmp_path, data)
+    with open(chunks.files[1], "r+b") as fh:
+        fh.seek(MiB // 2)
+        fh.write(b"\xff" if data[MiB + MiB // 2] != 0xFF else b"\x00")
+    drop(chunks.files[1])
+    r = chunks.reader()
+    try:
+        assert _read(r, 0, len(data), chunks.checked) == data
+        assert (r.chunks_checked, r.chunks_mismatched, r.chunks_from_mount) == (2, 1, 1)
+        assert r.bytes_direct == 3 * MiB
+    finally:
+        r.close()
+
+
+def test_a_truncated_chunk_read_direct_goes_through_the_mount(tmp_path: Path) -> None:
+    data = os.urandom(3 * MiB)
+    chunks = _Chunks(tmp_path, data)
+    os.truncate(chunks.files[2], MiB // 2)
+    r = chunks.reader()
+    try:
+        assert _read(r, 0, len(data), lambda k: (str(chunks.files[k]), None)) == data
+        assert (r.chunks_from_cache, r.chunks_from_mount) == (2, 1)
+    finally:
+        r.close()
+
+
+def test_the_plain_reader_of_a_small_read_stays_buffered(blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+    r = PlainReader(str(path), direct=True)
+    try:
+        buf = bytearray(DIRECT_MIN - 1)
+        r.readinto(100, [memoryview(buf)])
+        assert bytes(buf) == data[100 : 100 + len(buf)] and r.bytes_direct == 0
+        buf = bytearray(DIRECT_MIN + 1)
+        r.readinto(3 * MiB + 1, [memoryview(buf)])
+        assert bytes(buf) == data[3 * MiB + 1 : 3 * MiB + 1 + len(buf)] and r.bytes_direct == len(buf)
+    finally:
+        r.close()
