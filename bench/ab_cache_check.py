@@ -7,8 +7,8 @@
   ``"verify": "xxh3"``, read units not cut at chunk boundaries: the behaviour before 2026-11-28).
   B: the daemon reports unread files with their xxh3 and the loader checks them as it copies.
 ``--what direct``: how the loader reads cache files that are not in the page cache.
-  A: through the page cache, the daemon starting the kernel's read-ahead of each file (before
-  2026-11-28 16:00).  B: with ``O_DIRECT`` into a reused buffer, no read-ahead (now).
+  A: through the page cache, the daemon starting the kernel's read-ahead of each file (the
+  default).  B: ``load_file(direct_io=True)``: ``O_DIRECT`` into a reused buffer, no read-ahead.
 
 Both run in one process, alternating A B / B A, each load on a fresh daemon over the same warm
 cache (filled once with ``lazyfs prefetch`` from a ``file://`` origin), the page cache dropped
@@ -56,20 +56,14 @@ def _daemon_checks() -> Callable[[], None]:
     return undo
 
 
-def _buffered() -> Callable[[], None]:
-    """Make this process's loader read cache files through the page cache, with the daemon's read-ahead."""
-    readers.CacheReader.direct = False
-
-    def undo() -> None:
-        readers.CacheReader.direct = True
-
-    return undo
+def _no_switch() -> Callable[[], None]:
+    return lambda: None
 
 
-# --what: (what side A does, what side B does, switch to side A returning its undo)
-COMPARISONS: dict[str, tuple[str, str, Callable[[], Callable[[], None]]]] = {
-    "checks": ("daemon checks", "loader checks", _daemon_checks),
-    "direct": ("page cache + read-ahead", "O_DIRECT", _buffered),
+# --what: (what side A does, what side B does, switch to side A returning its undo, B's direct_io)
+COMPARISONS: dict[str, tuple[str, str, Callable[[], Callable[[], None]], bool]] = {
+    "checks": ("daemon checks", "loader checks", _daemon_checks, False),
+    "direct": ("page cache + read-ahead", "O_DIRECT", _no_switch, True),
 }
 
 
@@ -103,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             drop_caches()
                         d0, r0 = _cpu_seconds(m.pid), resource.getrusage(resource.RUSAGE_SELF)
                         t0 = time.perf_counter()
-                        got = lazyfs.loader.load_file(path)
+                        got = lazyfs.loader.load_file(path, direct_io=COMPARISONS[a.what][3] and side == "B")
                         touch(got)
                         dt = time.perf_counter() - t0
                         r1, d1 = resource.getrusage(resource.RUSAGE_SELF), _cpu_seconds(m.pid)

@@ -309,9 +309,10 @@ class _Cancelled(Exception):
 class _Source:
     """One open safetensors file: its header and a range reader."""
 
-    def __init__(self, path: str, fast_path: bool = True) -> None:
+    def __init__(self, path: str, fast_path: bool = True, direct_io: bool = False) -> None:
         self.path = path
-        self.reader: RangeReader = open_reader(path, fast_path=fast_path)
+        self.direct_io = direct_io
+        self.reader: RangeReader = open_reader(path, fast_path=fast_path, direct_io=direct_io)
         try:
             self.header: Header = self.reader.read_header()
         except BaseException:
@@ -328,7 +329,7 @@ class _Source:
             except LazyfsError as exc:
                 log.info("lazyfs fast path unavailable (%s); reading through the mount", exc)
                 self.reader.close()
-                self.reader = open_reader(self.path, fast_path=False)
+                self.reader = open_reader(self.path, fast_path=False, direct_io=self.direct_io)
 
     def close(self) -> None:
         self.reader.close()
@@ -527,6 +528,7 @@ def iter_tensors(
     threads: int | None = None,
     pinned_bytes: int = DEFAULT_PINNED_BYTES,
     fast_path: bool = True,
+    direct_io: bool = False,
     progress: bool = False,
 ) -> Generator[tuple[str, torch.Tensor], None, None]:
     """Yield ``(name, tensor)`` as each tensor lands on ``device`` (in no promised order).
@@ -537,7 +539,9 @@ def iter_tensors(
     is read).  ``threads``: parallel reads (default: 8 for CUDA, else up to 16 by CPU count,
     at least 4).  ``pinned_bytes``: the host ring for device
     copies.  ``fast_path``: on a lazyfs mount, read verified chunks straight from its
-    cache.  ``progress``: a progress bar on stderr.
+    cache.  ``direct_io``: read bytes that are not in the page cache with ``O_DIRECT``
+    (:mod:`lazyfs.loader.direct`: less CPU, and the page cache is left alone; on the
+    reference VM's disk no faster).  ``progress``: a progress bar on stderr.
 
     Every failure is a :class:`LoaderError` naming the file (and the tensor, for reads);
     headers are validated as untrusted input (:class:`HeaderError`).
@@ -563,7 +567,7 @@ def iter_tensors(
             needed = {weight_map[k] for k in wanted}
             files = [f for f in files if f in needed]
         for f in files:
-            sources.append(_Source(f, fast_path=fast_path))
+            sources.append(_Source(f, fast_path=fast_path, direct_io=direct_io))
         plans = [(s, _select(s.header, wanted)) for s in sources]
         owner: dict[str, str] = {}
         for s, infos in plans:
@@ -636,6 +640,7 @@ def load_file(
     threads: int | None = None,
     pinned_bytes: int = DEFAULT_PINNED_BYTES,
     fast_path: bool = True,
+    direct_io: bool = False,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Like ``safetensors.torch.load_file``: a dict of owned tensors on ``device``.
@@ -645,7 +650,8 @@ def load_file(
     """
     return dict(
         iter_tensors(
-            path, device, keys=keys, threads=threads, pinned_bytes=pinned_bytes, fast_path=fast_path, progress=progress
+            path, device, keys=keys, threads=threads, pinned_bytes=pinned_bytes, fast_path=fast_path,
+            direct_io=direct_io, progress=progress,
         )
     )
 

@@ -1,26 +1,29 @@
-"""Direct reads for the loader: bytes that are not in the page cache skip it.  No torch here.
+"""Direct reads for the loader (``direct_io=True``): bytes not in the page cache skip it.  No torch here.
 
 A buffered read of a file that is not cached makes the kernel allocate page-cache
 memory, read the disk into it and copy it out into the destination, whose pages
 are faulted in as well: fresh memory twice, and on the reference VM (whose balloon
 hands freed memory back to the host) fresh memory costs ~2.5 us per 4 KiB page.
 A load whose destination is a tensor wants the bytes once.  So when ``cachestat``
-says none of a range is cached, the loader reads it with ``O_DIRECT``: the disk
-writes into a small page-aligned buffer of this thread (or straight into the
+says no whole page of a range is cached, a direct read reads it with ``O_DIRECT``:
+the disk writes into a page-aligned buffer of this thread (or straight into the
 destination where its address lines up with the file offset, as a pinned ring
-buffer does), and one copy moves the bytes to the destination with the GIL
-released.  On the reference machine 2 GiB of uncached 4 MiB chunk files, read and
-xxh3-checked into fresh tensor memory, took 4.9-6.5 CPU-s buffered and 2.6 CPU-s
-direct.
+buffer's does), and one copy moves the bytes to the destination with the GIL
+released.  What is cached (a chunk the daemon just wrote, a file read moments ago,
+pages being written back) is read through the page cache: a direct read of it
+would go to the disk for bytes that are in memory.  A kernel without ``cachestat``
+(before 6.5), a file system that refuses ``O_DIRECT`` (and FUSE, where the flag
+only changes what the server is asked) all read buffered.
 
-What is cached (a chunk the daemon just wrote, a file read moments ago, a file
-whose pages are being written back) is read through the page cache as before:
-direct reads of it would go to the disk for bytes that are in memory.  A kernel
-without ``cachestat`` (before 6.5), a file system that refuses ``O_DIRECT`` or a
-device whose alignment 4 KiB does not satisfy all fall back to buffered reads.
-Direct reads do not leave the file in the page cache: a second load of the same
-file reads the disk again, as the first one did, and the memory stays the
-tensors'.
+Why it is an option and not the default: on the reference VM it costs less CPU
+(a 2 GiB load off a plain file, page cache dropped: 2.1-2.3 CPU-s direct against
+2.4-4.1 buffered) and leaves the page cache alone (a model loaded onto a GPU does
+not also fill host memory with a copy of itself), but its virtio disk streams
+faster under the kernel's read-ahead than under 4-16 direct reads in flight: the
+same load took 2.5-3.1 s direct against 2.6-2.75 s buffered (medians of 3-4
+alternated pairs), and the GPU box's NVMe gave a buffered cold load 2.14 GB/s
+against 1.95 GB/s for the best direct read pattern.  ``bench/ab_cache_check.py
+--what direct`` compares the two on a lazyfs cache.
 """
 
 from __future__ import annotations
@@ -40,9 +43,10 @@ __all__ = ["ALIGN", "BOUNCE", "DirectRefused", "open_direct", "read_direct", "un
 # O_DIRECT wants buffer address, file offset and length aligned to the device's logical block;
 # 4 KiB satisfies every disk of 512 B or 4 KiB sectors.
 ALIGN = 4096
-# Each thread's bounce buffer: one 4 MiB chunk per read, the size the disk likes (a deep queue
-# comes from the reader threads, each with a read in flight).
-BOUNCE = 4 * 1024 * 1024
+# Each thread's bounce buffer: one read unit (16 MiB) per direct read.  The queue depth comes
+# from the reader threads, one read in flight each; on the reference VM 4 threads reading 4 MiB
+# at a time streamed 0.6-0.7 GB/s, 16 MiB at a time 0.7-1.0 GB/s (2 GiB, page cache dropped).
+BOUNCE = 16 * 1024 * 1024
 # A read straight into the destination is at most this long, so a reader does not sit on one
 # huge read while the others have nothing in flight.
 DIRECT_MAX = 16 * 1024 * 1024
@@ -134,7 +138,7 @@ def open_direct(fd: int) -> int | None:
 
 def _bounce_buffer() -> memoryview:
     view: memoryview | None = getattr(_bounce, "view", None)
-    if view is None:
+    if view is None or len(view) < BOUNCE:
         buf = mmap.mmap(-1, BOUNCE)  # page-aligned; kept for the life of the thread
         view = _bounce.view = memoryview(buf)
     return view

@@ -214,12 +214,14 @@ class CacheReader:
     # Cache files kept open between reads (one per chunk otherwise: a 15 GB file has 3,600, past
     # the usual limit of 1,024 descriptors).  A plan reads each chunk once, in order.
     max_open = 256
-    # Read cache files that are not in the page cache with O_DIRECT (lazyfs.loader.direct), and
-    # ask the daemon not to start the kernel's read-ahead of them, which would read them twice.
-    direct = True
 
-    def __init__(self, path: str, mount_root: str, socket_path: str, timeout: float = 120.0) -> None:
+    def __init__(
+        self, path: str, mount_root: str, socket_path: str, timeout: float = 120.0, direct: bool = False
+    ) -> None:
         self.path = path
+        # Read cache files that are not in the page cache with O_DIRECT (lazyfs.loader.direct), and
+        # ask the daemon not to start the kernel's read-ahead of them, which would read them twice.
+        self.direct = direct
         self.mount = PlainReader(path)
         self.rel = os.path.relpath(path, mount_root)
         self.socket_path = socket_path
@@ -611,17 +613,18 @@ def find_control_socket(path: str) -> tuple[str, str] | None:
     return d, sock
 
 
-def open_reader(path: str, *, fast_path: bool = True) -> RangeReader:
+def open_reader(path: str, *, fast_path: bool = True, direct_io: bool = False) -> RangeReader:
     """A :class:`CacheReader` on a lazyfs mount we can talk to, else a :class:`PlainReader`.
 
     The fast path follows symlinks first (a Hugging Face snapshot links to ``../../blobs/``):
-    the daemon knows the file by its real path inside the mount.
+    the daemon knows the file by its real path inside the mount.  ``direct_io``: read bytes
+    that are not in the page cache with ``O_DIRECT`` (:mod:`lazyfs.loader.direct`).
     """
     if fast_path:
         real = os.path.realpath(path)
         found = find_control_socket(real)
         if found is not None:
-            reader = CacheReader(real, found[0], found[1])
+            reader = CacheReader(real, found[0], found[1], direct=direct_io)
             reader.path = reader.mount.path = path  # errors name the path the caller gave
             return reader
-    return PlainReader(path, direct=True)
+    return PlainReader(path, direct=direct_io)

@@ -335,8 +335,9 @@ def _cached_pages(files: list[Path]) -> int:
 
 
 def test_cache_files_out_of_the_page_cache_are_read_direct(published: Published, mounts: Mounts) -> None:
-    """With 1 MiB chunks, a fresh daemon and its cache files out of the page cache, the loader
-    reads and checks them with O_DIRECT and leaves them out of it (the daemon starts no read-ahead)."""
+    """With ``direct_io``, 1 MiB chunks, a fresh daemon and its cache files out of the page cache,
+    the loader reads and checks them with O_DIRECT and leaves them out of it (the daemon starts
+    no read-ahead)."""
     ref_name = "loader:mib"
     run = run_lazyfs(
         "seed", str(published.src), published.file_url, "--name", ref_name, "--chunk-size", "1MiB", "-q", timeout=120
@@ -345,7 +346,7 @@ def test_cache_files_out_of_the_page_cache_are_read_direct(published: Published,
     mp = mounts(published.file_url, ref_name)
     path = mp / "model" / "model.safetensors"
     ref = safetensors.torch.load_file(published.src / "model" / "model.safetensors")
-    assert_same(load_file(path), ref)  # cold: the daemon just wrote the files, they are in the page cache
+    assert_same(load_file(path, direct_io=True), ref)  # cold: the daemon just wrote the files: page cache
     s = last_statistics()
     assert s is not None and s.bytes_direct == 0 and s.chunks_from_cache > 0
 
@@ -355,7 +356,7 @@ def test_cache_files_out_of_the_page_cache_are_read_direct(published: Published,
     assert len(files) == -(-size // MiB)
     _drop_from_page_cache(files)
     assert _cached_pages(files) == 0
-    assert_same(load_file(path), ref)
+    assert_same(load_file(path, direct_io=True), ref)
     s = last_statistics()
     assert s is not None and s.chunks_checked == len(files) and s.chunks_mismatched == 0
     assert s.bytes_direct >= s.bytes - MiB  # all but the header and a last chunk under DIRECT_MIN
@@ -363,9 +364,17 @@ def test_cache_files_out_of_the_page_cache_are_read_direct(published: Published,
     # buffered, ~20 KiB), and a last chunk too small to be worth a direct read, at most.
     assert _cached_pages([f for f in files if f.stat().st_size >= DIRECT_MIN]) <= 8
 
-    assert_same(load_file(path, fast_path=False), ref)  # through FUSE: never O_DIRECT there
+    assert_same(load_file(path, fast_path=False, direct_io=True), ref)  # through FUSE: never O_DIRECT there
     s = last_statistics()
     assert s is not None and s.bytes_direct == 0 and s.chunks_from_cache == 0
+
+    # Without direct_io (the default) a fresh daemon hands the files to the kernel's read-ahead.
+    mounts.remount(mp, published.file_url, ref_name)
+    _drop_from_page_cache(files)
+    assert_same(load_file(path), ref)
+    s = last_statistics()
+    assert s is not None and s.bytes_direct == 0 and s.chunks_checked == len(files)
+    assert _cached_pages(files) > len(files) * 200
 
 
 def test_sharded_and_symlinked_models_on_a_mount(published: Published, file_mount: Path) -> None:

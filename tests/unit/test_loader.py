@@ -241,9 +241,9 @@ def test_sharded_keys_open_only_the_shards_needed(
     opened: list[str] = []
     real_init = api._Source.__init__
 
-    def spy(self: api._Source, path: str, fast_path: bool = True) -> None:
+    def spy(self: api._Source, path: str, fast_path: bool = True, direct_io: bool = False) -> None:
         opened.append(os.path.basename(path))
-        real_init(self, path, fast_path)
+        real_init(self, path, fast_path, direct_io)
 
     monkeypatch.setattr(api._Source, "__init__", spy)
     got = load_file(d, keys=["layers.2.q", "layers.0.norm"])

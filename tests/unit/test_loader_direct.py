@@ -65,8 +65,9 @@ def _direct_fd(path: Path) -> tuple[int, int]:
     ],
 )
 def test_read_direct_gives_the_exact_bytes_and_hashes_the_whole_range(
-    blob: tuple[Path, bytes], lo: int, hi: int, offset: int, end: int, cuts: list[int]
+    blob: tuple[Path, bytes], lo: int, hi: int, offset: int, end: int, cuts: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(D, "BOUNCE", 4 * MiB)  # the ranges cross it
     path, data = blob
     fd, dfd = _direct_fd(path)
     try:
@@ -156,7 +157,7 @@ def _model(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
 def test_a_load_off_a_mount_reads_an_uncached_file_direct(tmp_path: Path, threads: int) -> None:
     path, ref = _model(tmp_path)
     drop(path)
-    got = load_file(path, threads=threads)
+    got = load_file(path, threads=threads, direct_io=True)
     assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)
     st = last_statistics()
     assert st is not None
@@ -169,10 +170,25 @@ def test_a_load_off_a_mount_reads_an_uncached_file_direct(tmp_path: Path, thread
         os.pread(fd, st.bytes + 4096, 0)  # now the file is in the page cache: the load copies it from there
     finally:
         os.close(fd)
-    got = load_file(path, threads=threads)
+    got = load_file(path, threads=threads, direct_io=True)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     st = last_statistics()
     assert st is not None and st.bytes_direct == 0
+
+
+def test_direct_reads_are_an_option(tmp_path: Path) -> None:
+    """The default reads through the page cache (faster on the reference VM's disk)."""
+    path, ref = _model(tmp_path)
+    drop(path)
+    got = load_file(path)
+    assert all(torch.equal(got[k], ref[k]) for k in ref)
+    st = last_statistics()
+    assert st is not None and st.bytes_direct == 0
+    r = PlainReader(str(path))
+    try:
+        assert r.dfd is None
+    finally:
+        r.close()
 
 
 def test_a_refused_direct_read_falls_back_to_the_page_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -183,7 +199,7 @@ def test_a_refused_direct_read_falls_back_to_the_page_cache(tmp_path: Path, monk
         raise D.DirectRefused
 
     monkeypatch.setattr(readers, "read_direct", refuse)
-    got = load_file(path)
+    got = load_file(path, direct_io=True)
     assert all(torch.equal(got[k], ref[k]) for k in ref)
     st = last_statistics()
     assert st is not None and st.bytes_direct == 0
@@ -208,7 +224,7 @@ class _Chunks:
             self.sums.append(xxhash.xxh3_64_intdigest(data[at : at + self.size]))
 
     def reader(self) -> CacheReader:
-        r = CacheReader(str(self.path), str(self.path.parent), "/nonexistent.sock")
+        r = CacheReader(str(self.path), str(self.path.parent), "/nonexistent.sock", direct=True)
         r.chunk_size = self.size
         return r
 
