@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -216,21 +217,30 @@ def _write_all(fd: int, data: memoryview) -> None:
     takes it (see the module docstring), the rest through the page cache."""
     view = data
     whole = len(view) - len(view) % DIRECT_ALIGN
-    if whole >= DIRECT_MIN:
+    if whole >= DIRECT_MIN and _page_aligned(view):
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
             while len(data) - len(view) < whole:
                 view = view[os.write(fd, view[: len(view) - len(data) + whole]) :]
         except OSError as exc:
-            # EINVAL: a misaligned buffer (a bytes object) or a file system without direct
-            # I/O; nothing of the failed call was written.  Anything else is a real error.
+            # EINVAL: a file system without direct I/O (or a device whose blocks 4 KiB does not
+            # align); nothing of the failed call was written.  Anything else is a real error.
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def _page_aligned(view: memoryview) -> bool:
+    """Whether ``view`` starts on a :data:`DIRECT_ALIGN` boundary (a read-only ``bytes`` never counts:
+    Python places its bytes after an object header, and O_DIRECT would refuse it)."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(view)) % DIRECT_ALIGN == 0
+    except TypeError:  # read-only
+        return False
 
 
 def _walk_error(exc: OSError) -> None:

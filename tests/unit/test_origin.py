@@ -277,7 +277,16 @@ async def test_file_origin_writes_aligned_buffers_past_the_page_cache(
             writes.append((bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT), n))
         return n
 
+    direct_tries: list[int] = []
+    real_fcntl = fcntl.fcntl
+
+    def fcntl_spy(fd: int, cmd: int, arg: int = 0) -> Any:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            direct_tries.append(fd)
+        return real_fcntl(fd, cmd, arg)
+
     monkeypatch.setattr(os, "write", spy)
+    monkeypatch.setattr(fcntl, "fcntl", fcntl_spy)
     origin = FileOrigin(tmp_path)
     size = 3 * 1024 * 1024 + 123  # whole blocks, then a 123-byte tail
     data = os.urandom(size)
@@ -290,9 +299,14 @@ async def test_file_origin_writes_aligned_buffers_past_the_page_cache(
     else:  # tmpfs before Linux 6.6, say: all through the page cache
         assert not any(d for d, _ in writes) and sum(n for _, n in writes) == size
     writes.clear()
-    await origin.write("packs/bytes", data)  # not aligned in memory: the kernel refuses O_DIRECT
+    assert len(direct_tries) == 1
+    await origin.write("packs/bytes", data)  # not aligned in memory: O_DIRECT is not even tried
     assert (tmp_path / "packs" / "bytes").read_bytes() == data
     assert not any(d for d, _ in writes) and sum(n for _, n in writes) == size
+    writes.clear()
+    await origin.write("packs/shifted", memoryview(aligned)[1 : size + 1])  # writable, one byte off
+    assert (tmp_path / "packs" / "shifted").read_bytes() == aligned[1 : size + 1]
+    assert not any(d for d, _ in writes) and len(direct_tries) == 1
     writes.clear()
     await origin.write("small", memoryview(aligned)[:8192])  # small objects are not worth it
     assert (tmp_path / "small").read_bytes() == data[:8192]
