@@ -90,6 +90,16 @@ def compressible_bytes(n: int, seed: int = 0) -> bytes:
     return bytes(out[:n])
 
 
+def evict_from_page_cache(path: Path) -> None:
+    """Write ``path`` back and drop its pages from the page cache (``POSIX_FADV_DONTNEED``; no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def supports_user_xattrs(directory: Path) -> bool:
     """Whether files under ``directory`` accept ``user.*`` extended attributes."""
     with tempfile.NamedTemporaryFile(dir=directory) as f:

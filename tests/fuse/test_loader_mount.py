@@ -38,7 +38,7 @@ import torch
 from lazyfs.loader import LoaderError, api, iter_tensors, last_statistics, load_file, safe_open
 from lazyfs.loader.direct import uncached
 from lazyfs.loader.readers import DIRECT_MIN, CacheReader
-from tests.helpers import run_lazyfs
+from tests.helpers import evict_from_page_cache, run_lazyfs
 from tools.test_origin import OriginProcess, start_test_origin
 
 pytestmark = pytest.mark.fuse
@@ -313,16 +313,6 @@ def test_a_fresh_daemon_leaves_the_check_of_cache_files_to_the_loader(
         source.close()
 
 
-def _drop_from_page_cache(files: list[Path]) -> None:
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def _cached_pages(files: list[Path]) -> int:
     n = 0
     for f in files:
@@ -354,7 +344,8 @@ def test_cache_files_out_of_the_page_cache_are_read_direct(published: Published,
     files = sorted(p for p in (mounts.cache_of(mp) / "chunks").rglob("*") if p.is_file())
     size = (published.src / "model" / "model.safetensors").stat().st_size
     assert len(files) == -(-size // MiB)
-    _drop_from_page_cache(files)
+    for f in files:
+        evict_from_page_cache(f)
     assert _cached_pages(files) == 0
     assert_same(load_file(path, direct_io=True), ref)
     s = last_statistics()
@@ -370,7 +361,8 @@ def test_cache_files_out_of_the_page_cache_are_read_direct(published: Published,
 
     # Without direct_io (the default) a fresh daemon hands the files to the kernel's read-ahead.
     mounts.remount(mp, published.file_url, ref_name)
-    _drop_from_page_cache(files)
+    for f in files:
+        evict_from_page_cache(f)
     assert_same(load_file(path), ref)
     s = last_statistics()
     assert s is not None and s.bytes_direct == 0 and s.chunks_checked == len(files)

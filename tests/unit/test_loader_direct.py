@@ -23,16 +23,16 @@ import xxhash
 from lazyfs.loader import LoaderIOError, last_statistics, load_file, readers
 from lazyfs.loader import direct as D
 from lazyfs.loader.readers import DIRECT_MIN, CacheReader, PlainReader
+from tests.helpers import evict_from_page_cache
 
 MiB = 1024 * 1024
 
 
 def drop(path: Path) -> None:
-    """Write ``path`` back and evict it from the page cache (no root needed)."""
+    """Evict ``path`` from the page cache, and check that it went."""
+    evict_from_page_cache(path)
     fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         pages = -(-os.fstat(fd).st_size // D.ALIGN) * D.ALIGN
         assert D.uncached(fd, 0, pages), f"{path} stayed in the page cache"
     finally:

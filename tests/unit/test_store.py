@@ -25,6 +25,7 @@ import lazyfs
 from lazyfs.errors import CacheError, UsageError
 from lazyfs.loader.direct import uncached
 from lazyfs.store import ChunkStore, StoreStatistics
+from tests.helpers import evict_from_page_cache
 
 REPO = Path(lazyfs.__file__).resolve().parent.parent
 
@@ -173,17 +174,9 @@ def test_locate_starts_read_ahead_unless_told_not_to(tmp_path: Path) -> None:
         finally:
             os.close(fd)
 
-    def evict() -> None:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-        assert not cached()
-
     with ChunkStore.open(tmp_path / "c") as s:
-        evict()
+        evict_from_page_cache(path)
+        assert not cached()
         assert s.locate(digest, readahead=False) == (path, xxhash.xxh3_64_intdigest(data))
         time.sleep(0.2)
         assert not cached()
