@@ -1,11 +1,13 @@
 """A/B of two ways a loader reads a warm lazyfs cache, each load on a fresh daemon.
 
-    python bench/ab_cache_check.py [--what checks|direct] [--size 2GiB] [--pairs 4] [--hot]
+    python bench/ab_cache_check.py [--what checks|direct|prefault] [--size 2GiB] [--pairs 4] [--hot]
 
 ``--what checks`` (default): who checks a warm cache file's xxh3.
   A: the daemon reads and checks each chunk file before reporting it (the loader's plan without
   ``"verify": "xxh3"``, read units not cut at chunk boundaries: the behaviour before 2026-11-28).
   B: the daemon reports unread files with their xxh3 and the loader checks them as it copies.
+``--what prefault``: A: destination pages faulted in one by one inside the reads (before
+  2026-11-28 17:00).  B: each read unit's pages mapped first with ``MADV_POPULATE_WRITE`` (now).
 ``--what direct``: how the loader reads cache files that are not in the page cache.
   A: through the page cache, the daemon starting the kernel's read-ahead of each file (the
   default).  B: ``load_file(direct_io=True)``: ``O_DIRECT`` into a reused buffer, no read-ahead.
@@ -38,7 +40,7 @@ import lazyfs.loader
 from bench.bench_loader import touch
 from bench.common import Mount, drop_caches, ensure_weights, lazyfs_argv, seed_once, wait_quiet, warm_memory
 from lazyfs.cli import parse_size
-from lazyfs.loader import readers
+from lazyfs.loader import api, readers
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -60,10 +62,21 @@ def _no_switch() -> Callable[[], None]:
     return lambda: None
 
 
+def _no_prefault() -> Callable[[], None]:
+    """Make this process's loader fault destination pages in one by one inside its reads."""
+    api.PREFAULT = False
+
+    def undo() -> None:
+        api.PREFAULT = True
+
+    return undo
+
+
 # --what: (what side A does, what side B does, switch to side A returning its undo, B's direct_io)
 COMPARISONS: dict[str, tuple[str, str, Callable[[], Callable[[], None]], bool]] = {
     "checks": ("daemon checks", "loader checks", _daemon_checks, False),
     "direct": ("page cache + read-ahead", "O_DIRECT", _no_switch, True),
+    "prefault": ("a fault per page", "MADV_POPULATE_WRITE per unit", _no_prefault, False),
 }
 
 

@@ -12,7 +12,8 @@ How a file is loaded:
    on them (the calls release the GIL; never mmap, whose 4 KiB page faults
    crawl through FUSE).
 
-   * CPU: each unit is read straight into the destination tensors' memory.
+   * CPU: each unit is read straight into the destination tensors' memory, whose
+     pages are mapped first in one call per unit (:mod:`lazyfs.loader.prefault`).
    * CUDA: each unit is read into one buffer of a ring of pinned host buffers
      (``pinned_bytes`` in all, allocated once per process and reused: pinning
      costs ~0.6 s/GiB), then copied to the device with one ``non_blocking``
@@ -51,6 +52,7 @@ from lazyfs.errors import LazyfsError, UsageError
 from lazyfs.loader.errors import HeaderError, LoaderError, LoaderIOError
 from lazyfs.loader.header import DTYPE_BITS, DTYPE_SIZES, Header, TensorInfo
 from lazyfs.loader.plan import MAX_READ, ReadUnit, plan_reads
+from lazyfs.loader.prefault import prefault
 from lazyfs.loader.readers import CacheReader, PlainReader, RangeReader, open_reader
 
 __all__ = [
@@ -87,6 +89,9 @@ def default_threads(device: torch.device) -> int:
 # allocated once per process and reused (free_pinned_memory() gives it back).
 RING_BUFFER = MAX_READ
 DEFAULT_PINNED_BYTES = 16 * RING_BUFFER
+# CPU loads map each read unit's destination pages before reading into it (lazyfs.loader.prefault).
+# False: one page fault per page inside the read, as before 2026-11-28 (bench/ab_cache_check.py).
+PREFAULT = True
 
 _TORCH_DTYPES = {
     "BOOL": "bool",
@@ -457,7 +462,10 @@ class _Pipeline:
         reader = self.source.reader
 
         def work(u: ReadUnit) -> None:
-            reader.readinto(u.start, self._views(u))
+            views = self._views(u)
+            if PREFAULT:
+                prefault(views)  # the unit's fresh pages in one call, not one fault each
+            reader.readinto(u.start, views)
 
         with contextlib.closing(self._drive(work)) as done:
             for i in done:

@@ -1,17 +1,22 @@
-"""The loader's direct reads (``lazyfs.loader.direct``): bytes not in the page cache skip it.
+"""The loader's direct reads (``lazyfs.loader.direct``, ``direct_io=True``) and its prefaulting of
+destination memory (``lazyfs.loader.prefault``).
 
-Every test drops its file from the page cache first (``fsync`` then ``POSIX_FADV_DONTNEED``,
-checked with ``cachestat``), so the reads really are ``O_DIRECT``; the file system under
-pytest's temporary directory must take direct I/O, as every disk file system does.
-Covered: exact bytes at unaligned offsets, into split and into aligned destinations; the
-hasher sees every byte in order; end of file; the decision (whole pages only, a cached
-range reads buffered, a buffered read does not pull the rest of the file in); loads
-through ``PlainReader`` and ``CacheReader`` (checked chunks, a torn chunk, a refused direct
-read); never on a FUSE file.
+Every direct-read test drops its file from the page cache first (``fsync`` then
+``POSIX_FADV_DONTNEED``, checked with ``cachestat``), so the reads really are ``O_DIRECT``; the
+file system under pytest's temporary directory must take direct I/O, as every disk file system
+does.  Covered: exact bytes at unaligned offsets, into split and into aligned destinations; the
+hasher sees every byte in order; end of file; the decision (whole pages only, a cached range
+reads buffered, a buffered read does not pull the rest of the file in); loads through
+``PlainReader`` and ``CacheReader`` (checked chunks, a torn chunk, a truncated one, a refused
+direct read); buffered by default.  That a FUSE file is never read direct is in
+tests/fuse/test_loader_mount.py.  Prefaulting maps exactly the whole pages of each view, keeps
+their bytes, and turns itself off on a kernel without ``MADV_POPULATE_WRITE``.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import mmap
 import os
 from pathlib import Path
@@ -20,7 +25,7 @@ import pytest
 import torch
 import xxhash
 
-from lazyfs.loader import LoaderIOError, last_statistics, load_file, readers
+from lazyfs.loader import LoaderIOError, last_statistics, load_file, prefault, readers
 from lazyfs.loader import direct as D
 from lazyfs.loader.readers import DIRECT_MIN, CacheReader, PlainReader
 from tests.helpers import evict_from_page_cache
@@ -302,3 +307,51 @@ def test_the_plain_reader_of_a_small_read_stays_buffered(blob: tuple[Path, bytes
         assert bytes(buf) == data[3 * MiB + 1 : 3 * MiB + 1 + len(buf)] and r.bytes_direct == len(buf)
     finally:
         r.close()
+
+
+# --- prefaulting destinations (lazyfs.loader.prefault) ---------------------------------------------
+
+
+def _resident(addr: int, length: int) -> list[bool]:
+    """mincore: which pages of ``[addr, addr + length)`` (page-aligned) are mapped in."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * (length // mmap.PAGESIZE))()
+    assert libc.mincore(ctypes.c_void_p(addr), ctypes.c_size_t(length), vec) == 0, ctypes.get_errno()
+    return [bool(b & 1) for b in vec]
+
+
+def test_prefault_maps_the_whole_pages_of_each_view_and_keeps_their_bytes() -> None:
+    page = mmap.PAGESIZE
+    region = mmap.mmap(-1, 64 * page)  # fresh anonymous memory: nothing mapped yet
+    view = memoryview(region)
+    try:
+        base = D._address(view)
+        assert not any(_resident(base, 64 * page))
+        view[5 * page : 5 * page + 3] = b"abc"  # one page already written: its bytes must stay
+        prefault.prefault([view[2 * page + 100 : 40 * page + 7], view[50 * page : 50 * page + 10]])
+        got = _resident(base, 64 * page)
+        # Pages 3..39 are whole inside the first view; page 2 and page 40 only in part; the
+        # second view is under PREFAULT_MIN.
+        assert got[3:40] == [True] * 37
+        assert not any(got[:2]) and not got[2] and not got[40] and not any(got[41:])
+        assert bytes(view[5 * page : 5 * page + 3]) == b"abc" and not any(view[3 * page : 5 * page])
+    finally:
+        view.release()
+        region.close()
+
+
+def test_prefault_turns_itself_off_on_a_kernel_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def old_kernel(addr: int, length: int, advice: int) -> int:
+        calls.append(advice)
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(prefault, "_madvise", old_kernel)
+    monkeypatch.setattr(prefault, "_enabled", True)
+    buf = bytearray(4 * MiB)
+    prefault.prefault([memoryview(buf)])
+    prefault.prefault([memoryview(buf)])
+    assert calls == [prefault.MADV_POPULATE_WRITE] and prefault._enabled is False
+    prefault.prefault([memoryview(b"x" * MiB)])  # read-only views are never touched
