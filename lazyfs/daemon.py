@@ -26,6 +26,7 @@ closes the store.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -249,7 +250,8 @@ def _control_app(m: MountedFs) -> web.Application:
         """The loader's read plan: fetch a file's chunks in the given order, report cache paths.
 
         Body: ``{"path": "rel/path", "ranges": [[start, end], ...], "verify": "xxh3"}``.  Answer
-        (NDJSON): ``{"chunk_size": N}``, then per chunk in plan order ``{"chunk": k, "path": P}``
+        (NDJSON): ``{"chunk_size": N}``, then per chunk, as each is ready (fetches start in plan
+        order, answers may come in any order), ``{"chunk": k, "path": P}``
         (``P`` null: read it through the mount) or ``{"chunk": k, "error": "..."}``.
 
         With ``"verify": "xxh3"`` the loader checks what it reads: a chunk file this process
@@ -312,16 +314,19 @@ def _control_app(m: MountedFs) -> web.Application:
             except LazyfsError as exc:
                 return json.dumps({"chunk": k, "error": str(exc)}).encode() + b"\n"
 
-        # A window of chunks in flight keeps the link busy while answers go out in plan order.
-        window: list[asyncio.Task[bytes]] = []
-        todo = list(order)
+        # A window of chunks in flight keeps the link busy.  Fetches start in plan order, answers
+        # go out as chunks are ready: in plan order, one late chunk (at the end of a coalesced
+        # request, say) held the whole window, and the fetches behind it did not start.
+        # Measured on a 1 Gbit/s link: 66-95 MB/s in plan order, against 102 MB/s for a plain
+        # sequential read of the same file through the mount.
+        window: set[asyncio.Task[bytes]] = set()
+        todo = collections.deque(order)
         try:
-            while True:
+            while todo or window:
                 while len(window) < PLAN_WINDOW and todo:
-                    window.append(asyncio.create_task(one(todo.pop(0))))
-                if not window:
-                    break
-                await resp.write(await window.pop(0))
+                    window.add(asyncio.create_task(one(todo.popleft())))
+                done, window = await asyncio.wait(window, return_when=asyncio.FIRST_COMPLETED)
+                await resp.write(b"".join(t.result() for t in done))
         finally:
             for t in window:
                 t.cancel()

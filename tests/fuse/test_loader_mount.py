@@ -37,7 +37,7 @@ import torch
 
 from lazyfs.loader import LoaderError, api, iter_tensors, last_statistics, load_file, safe_open
 from lazyfs.loader.direct import uncached
-from lazyfs.loader.readers import DIRECT_MIN, CacheReader
+from lazyfs.loader.readers import CONTROL_XATTR, DIRECT_MIN, CacheReader, _UnixHTTPConnection
 from tests.helpers import evict_from_page_cache, run_lazyfs
 from tools.test_origin import OriginProcess, start_test_origin
 
@@ -398,6 +398,58 @@ def test_the_plan_is_what_the_daemon_fetches(published: Published, http_mount: H
     wanted = ref["lm_head"].numel() * 2
     # The header's chunk, kernel read-ahead around it and chunk rounding: well under 1 MiB.
     assert wanted <= served <= wanted + 1 * MiB, (served, wanted)
+
+
+def test_the_daemon_answers_a_plan_as_chunks_arrive_not_in_plan_order(
+    published: Published, http_server: OriginProcess, mounts: Mounts, tmp_path: Path
+) -> None:
+    """A chunk that is slow to come (its pack hangs) does not hold back the answers for the rest.
+
+    The file's first half is a copy of a file published before, so its chunks live in that
+    earlier pack; the second half is new, in a pack of its own.  With the earlier pack hanging,
+    the plan's answers for the second half must arrive first (in plan order they waited for
+    chunk 0, and the fetches behind the window never started).
+    """
+    half = 8 * 64 * KiB
+    old, new = os.urandom(half), os.urandom(half)
+    packs = published.origin_dir / "packs"
+    before = set(os.listdir(packs))
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.bin").write_bytes(old)
+    run = run_lazyfs("seed", str(tmp_path / "a"), published.file_url, "--name", "order:a", "--chunk-size", CHUNK,
+                     "-q", timeout=60)
+    assert run.returncode == 0, run.stderr
+    old_packs = set(os.listdir(packs)) - before
+    assert len(old_packs) == 1
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "y.bin").write_bytes(old + new)
+    run = run_lazyfs("seed", str(tmp_path / "b"), published.file_url, "--name", "order:b", "--chunk-size", CHUNK,
+                     "-q", timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert len(set(os.listdir(packs)) - before - old_packs) == 1  # the new half only
+
+    mp = mounts(http_server.url, "order:b")
+    sock = os.getxattr(mp, CONTROL_XATTR).decode()
+    http_server.set_faults(hang=True, prefixes=(f"packs/{old_packs.pop()}",))
+    conn = _UnixHTTPConnection(sock, timeout=30)
+    try:
+        conn.request("POST", "/plan", body=json.dumps({"path": "y.bin", "ranges": [[0, 2 * half]], "verify": "xxh3"}),
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert json.loads(resp.readline()) == {"chunk_size": 64 * KiB}
+        seen: list[int] = []
+        while len(seen) < 8:
+            ev = json.loads(resp.readline())
+            assert "path" in ev, ev  # not an error: the hanging chunks' deadline (2 s) has not passed
+            seen.append(ev["chunk"])
+        assert sorted(seen) == list(range(8, 16)), seen  # the new half, while the old one hangs
+        http_server.heal()
+        rest = [json.loads(resp.readline()) for _ in range(8)]
+        assert sorted(ev["chunk"] for ev in rest) == list(range(8))
+    finally:
+        http_server.heal()
+        conn.close()
 
 
 # --- an origin that fails mid-load ------------------------------------------------------------------------
