@@ -505,6 +505,10 @@ class ChunkFetcher:
             self._c.peer_errors += 1
             log.info("%s could not serve %s: %s", source.name, chunk.digest.hex()[:16], exc)
             return None
+        except Exception as exc:  # a bug in a source must cost a miss, not the read: the origin is next
+            self._c.peer_errors += 1
+            log.warning("%s failed on %s: %s: %s", source.name, chunk.digest.hex()[:16], type(exc).__name__, exc)
+            return None
         if data is None:
             return None
         if len(data) != chunk.size:  # a source that skipped verify: never trust it

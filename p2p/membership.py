@@ -207,7 +207,7 @@ class Membership:
         h.errors += 1
         h.last_error = reason
         h.bad_until = self.clock() + self.config.bad_hold
-        log.warning("peer %s sent bytes that failed verification (%s); not asking it for %.0f s",
+        log.warning("peer %s sent bad bytes or broke the protocol (%s); not asking it for %.0f s",
                     key, reason, self.config.bad_hold)
 
     def state(self, key: str) -> str:

@@ -79,6 +79,13 @@ class ServerCounters:
     server_errors: int = 0  # origin down, deadline, bugs
 
 
+# A connection with no request in progress is closed after this long, including one that has
+# not finished its first request line (aiohttp's default, an hour, let anyone who can reach the
+# port hold a descriptor per connection, no token needed).  Longer than the clients' own
+# keep-alive (p2p.source.CLIENT_KEEPALIVE), so a client never reuses a connection the server
+# is closing.
+KEEPALIVE = 30.0
+
 class PeerServer:
     def __init__(self, listen: str, token: bytes, store: BlobStore, server_ssl: ssl.SSLContext | None) -> None:
         self.host, self.port = parse_host_port(listen, "--listen address")
@@ -100,7 +107,7 @@ class PeerServer:
         self._home = home
         app = web.Application()
         app.router.add_get(protocol.CHUNK_PATH, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host or None, self.port, ssl_context=self._ssl, reuse_address=True)
         try:

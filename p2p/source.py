@@ -52,6 +52,9 @@ ZSTD_BUSY_LIMIT = 0.85
 CPU_SAMPLE = 0.5
 
 
+# Idle connections to peers are kept this long: shorter than the servers' (p2p.server.KEEPALIVE).
+CLIENT_KEEPALIVE = 15.0
+
 class _OriginState(Protocol):
     @property
     def origin_available(self) -> bool: ...
@@ -124,7 +127,8 @@ class PeerSource:
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:
             connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=self.config.max_connections, ssl=self._ssl if self._ssl else True
+                limit=0, limit_per_host=self.config.max_connections, ssl=self._ssl if self._ssl else True,
+                keepalive_timeout=CLIENT_KEEPALIVE,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
@@ -201,7 +205,9 @@ class PeerSource:
         self.requests_sent += 1
         try:
             async with asyncio.timeout(budget):
-                async with self._client().get(url, headers=headers) as resp:
+                # A peer never redirects: following one would send this node's requests (and,
+                # with TLS, its client certificate) wherever the peer says.
+                async with self._client().get(url, headers=headers, allow_redirects=False) as resp:
                     trace.event("answer", d=chunk.digest.hex()[:12], peer=key, status=resp.status,
                                 dt=round(loop.time() - t0, 4))
                     if resp.status == 404:
@@ -212,6 +218,8 @@ class PeerSource:
                         if self.members.state(key) == "ok":
                             log.warning("peer %s refused this node's token: is --peer-token-file the same?", key)
                         return self._failed(key, "HTTP 401 (token refused)")
+                    if 300 <= resp.status < 400:
+                        return self._bad(key, f"HTTP {resp.status} redirect (peers do not redirect)")
                     if resp.status != 200:
                         return self._failed(key, f"HTTP {resp.status}")
                     encoding = resp.headers.get("Content-Encoding", "").lower()

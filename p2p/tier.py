@@ -98,6 +98,8 @@ class PeerTier:
     def __init__(self, config: PeerConfig, store: BlobStore, resolver: Resolver = system_resolver) -> None:
         if not config.token:
             raise UsageError("the peer token is empty")
+        if not all(0x21 <= b <= 0x7E for b in config.token):
+            raise UsageError("the peer token must be one word of printable ASCII")
         if not (config.peers or config.peers_dns):
             raise UsageError("peer options need --peers or --peers-dns")
         _check_tls(config)

@@ -570,3 +570,66 @@ async def test_an_asker_that_stops_reading_does_not_hold_a_send_slot(tmp_path: P
             sock.close()
         await c.close()
         await origin.aclose()
+
+
+@pytest.mark.allow_warnings  # the node warns about the misbehaving peer
+async def test_a_peer_that_redirects_is_not_followed_and_is_marked_bad(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    """A peer answering 3xx does not send this node anywhere: no request reaches the target."""
+    origin, m, files = published
+    target_port, evil_port, a_port = free_port(), free_port(), free_port()
+    asked: list[bytes] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def target(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            asked.append(await reader.readuntil(b"\r\n\r\n"))
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:%d/elsewhere\r\n"
+                             b"Content-Length: 0\r\n\r\n" % target_port)
+                await writer.drain()
+
+    servers = [await asyncio.start_server(target, "127.0.0.1", target_port),
+               await asyncio.start_server(redirect, "127.0.0.1", evil_port)]
+    try:
+        evil_key, a_key = f"127.0.0.1:{evil_port}", f"127.0.0.1:{a_port}"
+        a = await cluster.start(origin, a_key, [evil_key, a_key])
+        assert await a.read_all(m) == files
+        assert asked == []
+        assert a.tier.members.state(evil_key) == "bad" and a.tier.statistics().per_peer_bad[evil_key] >= 1
+    finally:
+        for s in servers:
+            s.close()
+        for w in writers:
+            w.transport.abort()
+        for s in servers:
+            await s.wait_closed()
+        await asyncio.sleep(0)
+
+
+async def test_the_peer_server_closes_connections_that_send_no_request(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a token anyone can connect; a connection that never completes a request is closed
+    after the keep-alive time (aiohttp's default held it for an hour: a descriptor each)."""
+    monkeypatch.setattr("p2p.server.KEEPALIVE", 0.5)
+    origin = published[0]
+    port = free_port()
+    await cluster.start(origin, f"127.0.0.1:{port}", [f"127.0.0.1:{port}"])
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    conns[1][1].write(b"GET /v1/chun")  # half a request line, never finished
+    conns[2][1].write(b"GET /v1/chunks/" + b"ab" * 32 + b" HTTP/1.1\r\nHost: x\r\n")  # headers never end
+    try:
+        for reader, _ in conns:
+            async with asyncio.timeout(10):
+                assert await reader.read() == b""  # closed by the server
+    finally:
+        for _, writer in conns:
+            writer.close()

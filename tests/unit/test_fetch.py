@@ -217,3 +217,30 @@ async def test_torn_cache_entry_falls_back_to_origin(
     assert digest_ok(m.chunks[0], await f2.get(0))
     assert origin.statistics().reads == 1
     await f2.aclose()
+
+
+class _BrokenSource:
+    """An extra source (the peer tier's place) with a bug: every fetch raises."""
+
+    name = "broken"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def fetch(self, chunk: Chunk, priority: Priority, deadline: float, verify: object) -> bytes | None:
+        self.calls += 1
+        raise UnicodeDecodeError("ascii", b"\xff", 0, 1, "a token that is not ASCII")
+
+
+@pytest.mark.allow_warnings  # the fetcher warns about the failing source
+async def test_a_source_that_raises_costs_a_miss_not_the_read(published: tuple[MemoryOrigin, Manifest]) -> None:
+    origin, m = published
+    source = _BrokenSource()
+    f = ChunkFetcher(m, origin, None, FetchConfig(), sources=[source])
+    try:
+        data = await f.get(0)
+        assert digest_ok(m.chunks[0], data) and source.calls == 1
+        st = f.statistics()
+        assert st.peer_errors == 1 and st.bytes_from_origin > 0
+    finally:
+        await f.aclose()

@@ -7,6 +7,7 @@ import asyncio
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -356,3 +357,11 @@ def test_cpu_gauge_reads_the_machine_busy_fraction(tmp_path: Path) -> None:
     now[0] += 1
     assert gauge.busy() == pytest.approx(0.9)
     assert CpuGauge(str(tmp_path / "missing")).busy() == 0.0
+
+
+def test_the_tier_refuses_a_token_that_is_not_printable_ascii() -> None:
+    """The CLI checks the token file; an embedding program gets the same check (a non-ASCII token
+    made every request raise inside the peer client)."""
+    for token in (b"\xffsecret", b"two words", b"tab\tbed"):
+        with pytest.raises(UsageError, match="printable ASCII"):
+            PeerTier(PeerConfig(token=token, peers=("127.0.0.1:9",)), cast(Any, None))
