@@ -42,6 +42,7 @@ COUNTERS = {
     "requests_served",
     "requests_sent",
     "requests_refused",
+    "connections_refused",
     "bytes_received",
     "bad_chunks",
     "per_peer_errors",

@@ -75,6 +75,7 @@ class ServerCounters:
     bytes_served: int = 0  # chunk bytes (uncompressed)
     bytes_sent: int = 0  # reply bodies as sent (compressed where the asker accepts zstd)
     requests_refused: int = 0  # no or wrong token
+    connections_refused: int = 0  # over MAX_CLIENTS at once: closed unread
     not_found: int = 0
     server_errors: int = 0  # origin down, deadline, bugs
 
@@ -85,6 +86,18 @@ class ServerCounters:
 # keep-alive (p2p.source.CLIENT_KEEPALIVE), so a client never reuses a connection the server
 # is closing.
 KEEPALIVE = 30.0
+# Connections held at once; one more is closed as soon as it is accepted.  With the keep-alive
+# above, a flood of connections (no token needed to open one) would otherwise take every file
+# descriptor the daemon has (1,024 by default) within seconds.  Peers open at most
+# PeerConfig.max_connections (32) each, and only as many as they have requests in flight.
+MAX_CLIENTS = 512
+
+
+class _Refuse(asyncio.Protocol):
+    """What a connection over MAX_CLIENTS gets: closed at once, nothing read."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.close()
 
 class PeerServer:
     def __init__(self, listen: str, token: bytes, store: BlobStore, server_ssl: ssl.SSLContext | None) -> None:
@@ -93,6 +106,7 @@ class PeerServer:
         self.store = store
         self._ssl = server_ssl
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._provider: ChunkProvider | None = None
         self._home: HomeFetches | None = None
         # Replies go out SEND_SLOTS at a time, most urgent first (see p2p.schedule).
@@ -107,17 +121,33 @@ class PeerServer:
         self._home = home
         app = web.Application()
         app.router.add_get(protocol.CHUNK_PATH, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host or None, self.port, ssl_context=self._ssl, reuse_address=True)
+        self._runner = runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, keepalive_timeout=KEEPALIVE
+        )
+        await runner.setup()
+        server = runner.server
+        assert server is not None
+        limit = MAX_CLIENTS
+
+        def protocol_factory() -> asyncio.Protocol:
+            if len(server.connections) >= limit:
+                self.counters.connections_refused += 1
+                return _Refuse()
+            return server()
+
         try:
-            await site.start()
+            self._listener = await asyncio.get_running_loop().create_server(
+                protocol_factory, self.host or None, self.port, ssl=self._ssl, reuse_address=True
+            )
         except OSError as exc:
-            await self._runner.cleanup()
+            await runner.cleanup()
             self._runner = None
             raise UsageError(f"cannot listen for peers on {self.host}:{self.port}: {exc.strerror or exc}") from exc
 
     async def aclose(self) -> None:
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner's cleanup ends the open ones
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

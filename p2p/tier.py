@@ -48,6 +48,7 @@ class PeerStatistics:
     requests_served: int
     bytes_served: int
     requests_refused: int
+    connections_refused: int  # over the server's connection limit: closed unread
     per_peer_errors: dict[str, int]
     per_peer_bad: dict[str, int]
     per_peer_bytes: dict[str, int]
@@ -140,6 +141,7 @@ class PeerTier:
             requests_served=sc.requests_served if sc else 0,
             bytes_served=sc.bytes_served if sc else 0,
             requests_refused=sc.requests_refused if sc else 0,
+            connections_refused=sc.connections_refused if sc else 0,
             per_peer_errors={k: v.errors for k, v in h.items()},
             per_peer_bad={k: v.bad for k, v in h.items()},
             per_peer_bytes={k: v.bytes for k, v in h.items()},

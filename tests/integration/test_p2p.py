@@ -633,3 +633,31 @@ async def test_the_peer_server_closes_connections_that_send_no_request(
     finally:
         for _, writer in conns:
             writer.close()
+
+
+async def test_the_peer_server_holds_a_bounded_number_of_connections(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Connections over MAX_CLIENTS are closed as they arrive (counted); those held still work."""
+    monkeypatch.setattr("p2p.server.MAX_CLIENTS", 3)
+    origin, m, _ = published
+    port = free_port()
+    node = await cluster.start(origin, f"127.0.0.1:{port}", [f"127.0.0.1:{port}"])
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
+    await asyncio.sleep(0.1)  # the server has accepted them
+    extra = [await asyncio.open_connection("127.0.0.1", port) for _ in range(2)]
+    try:
+        for reader, _ in extra:
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""
+        assert node.tier.statistics().connections_refused == 2
+        chunk = m.chunks[m.entry(b"model.bin").chunks[0]]  # type: ignore[union-attr]
+        reader, writer = held[0]
+        writer.write(b"GET " + CHUNK_PATH.format(digest=chunk.digest.hex()).encode() + b" HTTP/1.1\r\n"
+                     b"Host: x\r\nAuthorization: Bearer " + TOKEN + b"\r\n\r\n")
+        async with asyncio.timeout(10):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+    finally:
+        for _, w in held + extra:
+            w.close()
