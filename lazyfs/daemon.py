@@ -268,7 +268,7 @@ def _control_app(m: MountedFs) -> web.Application:
             ranges = [(int(a), int(b)) for a, b in body["ranges"]]
             client_checks = body.get("verify") == "xxh3"
             readahead = body.get("readahead", True) is not False
-        except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError, json.JSONDecodeError) as exc:
             return web.json_response({"error": f"bad request: {exc}"}, status=400)
         entry = m.manifest.entry(rel)
         if entry is None or m.manifest.resolve(entry).type.name != "REG":

@@ -103,8 +103,9 @@ def uncached(fd: int, offset: int, length: int) -> bool:
     rng = _Range(lo, hi - lo)
     st = _CacheStat()
     if _syscall(ctypes.c_long(_SYS_CACHESTAT), fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
-        if ctypes.get_errno() in (errno.ENOSYS, errno.EPERM):  # an old kernel or a seccomp filter
+        if ctypes.get_errno() == errno.ENOSYS:  # a kernel before 6.5: never again
             _have_cachestat = False
+        # EPERM (Linux 6.14+: a file this user neither owns nor may write) is about this file only.
         return False
     cached: int = st.nr_cache
     return cached == 0

@@ -181,9 +181,11 @@ class PlainReader:
         """Nothing to wake: a ``preadv`` on a plain file (or a mount, bounded by its read timeout) ends."""
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
-            if self.dfd is not None:
+        if self.dfd is not None:
+            with contextlib.suppress(OSError):
                 os.close(self.dfd)
+            self.dfd = None
+        with contextlib.suppress(OSError):
             os.close(self.fd)
 
 

@@ -355,3 +355,21 @@ def test_prefault_turns_itself_off_on_a_kernel_without_it(monkeypatch: pytest.Mo
     prefault.prefault([memoryview(buf)])
     assert calls == [prefault.MADV_POPULATE_WRITE] and prefault._enabled is False
     prefault.prefault([memoryview(b"x" * MiB)])  # read-only views are never touched
+
+
+def test_a_refused_cachestat_is_about_that_file_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Linux 6.14+ answers EPERM for a file the caller neither owns nor may write: that file reads
+    buffered, later files still get asked; only ENOSYS (no cachestat at all) stops asking."""
+
+    def refuse(err: int) -> object:
+        def call(*args: object) -> int:
+            ctypes.set_errno(err)
+            return -1
+
+        return call
+
+    monkeypatch.setattr(D, "_have_cachestat", True)
+    monkeypatch.setattr(D, "_syscall", refuse(errno.EPERM))
+    assert D.uncached(0, 0, MiB) is False and D._have_cachestat is True
+    monkeypatch.setattr(D, "_syscall", refuse(errno.ENOSYS))
+    assert D.uncached(0, 0, MiB) is False and D._have_cachestat is False
