@@ -19,7 +19,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from lazyfs.errors import FilesystemError, LazyfsError
@@ -106,7 +106,9 @@ class LazyFilesystem:
         self._children: dict[int, list[tuple[bytes, int]]] = {}
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
-        self._failed: dict[int, tuple[float, LazyfsError]] = {}  # chunk -> (hold until, error)
+        # chunk -> (hold until, the error's text): text, not the exception, whose traceback would
+        # keep the frames of the failed read (and the chunk buffers they hold) alive.
+        self._failed: dict[int, tuple[float, str]] = {}
         self._build()
 
     def _build(self) -> None:
@@ -185,12 +187,17 @@ class LazyFilesystem:
             raise FilesystemError(errno.ENOENT)
         return self.getattr(ino)
 
-    def readdir(self, ino: int, start: int) -> list[DirEntry]:
-        """Children of ``ino`` from offset ``start`` (0 = beginning), in name order."""
+    def readdir(self, ino: int, start: int) -> Iterator[DirEntry]:
+        """Children of ``ino`` from offset ``start`` (0 = beginning), in name order.
+
+        Checks ``ino`` at once; the entries come lazily.  The kernel asks in pieces of a
+        page or so and stops taking entries when its buffer is full: a directory of n names
+        costs O(n) attributes in all, not O(n) per piece (O(n^2) for a large directory).
+        """
         if self._entry(ino).type is not EntryType.DIR:
             raise FilesystemError(errno.ENOTDIR)
         children = self._children.get(ino, [])
-        return [DirEntry(name, self.getattr(c), i + 1) for i, (name, c) in enumerate(children) if i >= start]
+        return (DirEntry(children[i][0], self.getattr(children[i][1]), i + 1) for i in range(start, len(children)))
 
     def readlink(self, ino: int) -> bytes:
         e = self._entry(ino)
@@ -277,9 +284,9 @@ class LazyFilesystem:
         """``fetcher.get``, except that a chunk which failed less than FAILED_HOLD ago fails at once."""
         held = self._failed.get(index)
         if held is not None:
-            until, exc = held
+            until, why = held
             if time.monotonic() < until:
-                raise FilesystemError(errno.EIO, f"{exc} (failed moments ago; not retried yet)")
+                raise FilesystemError(errno.EIO, f"{why} (failed moments ago; not retried yet)")
             del self._failed[index]
         try:
             return await self.fetcher.get(index, priority)
@@ -288,7 +295,7 @@ class LazyFilesystem:
             if len(self._failed) >= FAILED_MAX:
                 self._failed = {i: h for i, h in self._failed.items() if h[0] > now}
             if len(self._failed) < FAILED_MAX:
-                self._failed[index] = (now + FAILED_HOLD, exc)
+                self._failed[index] = (now + FAILED_HOLD, str(exc))
             if exc.errno != errno.EIO:
                 # The file exists; its bytes could not be had (a pack missing at the origin is
                 # NotFoundError, ENOENT): read(2) must say EIO, not "no such file".

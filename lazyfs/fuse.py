@@ -179,12 +179,11 @@ class FuseAdapter(pyfuse3.Operations):
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         try:
-            entries = self.fs.readdir(fh, start_id)
+            for d in self.fs.readdir(fh, start_id):
+                if not pyfuse3.readdir_reply(token, d.name, self._attr(d.attr), d.next_id):
+                    break  # the buffer is full; the kernel asks again from the last offset it took
         except Exception as exc:
             raise self._fail(exc, "readdir") from None
-        for d in entries:
-            if not pyfuse3.readdir_reply(token, d.name, self._attr(d.attr), d.next_id):
-                break
 
     async def releasedir(self, fh: int) -> None:
         pass

@@ -11,11 +11,12 @@ import json
 import os
 import stat
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from lazyfs.manifest import EntryType
-from tests.fuse.conftest import CHUNK, Mount, Mounter, Published, read_file
+from tests.fuse.conftest import CHUNK, Mount, Mounter, Published, publish, read_file
 from tests.helpers import walk_source
 
 pytestmark = pytest.mark.fuse
@@ -263,3 +264,19 @@ def test_walk_visits_every_directory_once(tree: Published, tree_mount: Mount) ->
     listed = sum(1 for _ in os.walk(tree_mount.path()))
     dirs = sum(1 for e in tree.manifest.entries if e.type is EntryType.DIR)
     assert listed == dirs
+
+
+def test_a_large_directory_lists_every_name_once_in_order(tmp_path: Path, mounter: Mounter) -> None:
+    """5,000 names take many readdir requests (one page of the kernel's buffer each): each resumes
+    where the last one stopped, so the listing is whole, once, in name order, as `ls -f` sees it."""
+    src = tmp_path / "src"
+    (src / "many").mkdir(parents=True)
+    want = sorted(f"entry-{i:05d}-{'x' * (i % 40)}".encode() for i in range(5000))
+    for name in want:
+        (src / "many" / os.fsdecode(name)).touch()
+    p = publish(src, tmp_path / "origin", "many:v1")
+    m = mounter.mount(p.file_url, p.ref)
+    with os.scandir(m.path(b"many")) as it:
+        got = [e.name for e in it]
+    assert got == want
+    assert os.stat(m.path(b"many/" + want[-1])).st_size == 0

@@ -13,7 +13,7 @@ import pytest
 from lazyfs.config import SeedConfig
 from lazyfs.errors import FilesystemError
 from lazyfs.fetch import ChunkFetcher
-from lazyfs.fs import ROOT_INODE, LazyFilesystem
+from lazyfs.fs import ROOT_INODE, Attr, LazyFilesystem
 from lazyfs.manifest import parse_ref
 from lazyfs.seed import seed
 from lazyfs.testing import MemoryOrigin
@@ -71,7 +71,8 @@ async def test_readdir_and_errors(lfs: LazyFilesystem) -> None:
     names = [d.name for d in lfs.readdir(ROOT_INODE, 0)]
     assert names == sorted(names) == [b"big", b"d", b"empty", b"fifo"]
     rest = lfs.readdir(ROOT_INODE, 2)
-    assert [d.name for d in rest] == [b"empty", b"fifo"]
+    assert [(d.name, d.next_id) for d in rest] == [(b"empty", 3), (b"fifo", 4)]
+    assert list(lfs.readdir(ROOT_INODE, 4)) == list(lfs.readdir(ROOT_INODE, 1 << 62)) == []
     with pytest.raises(FilesystemError) as e:
         lfs.lookup(ROOT_INODE, b"nope")
     assert e.value.errno == errno.ENOENT
@@ -103,3 +104,22 @@ async def test_warm_fetches_everything_once(lfs: LazyFilesystem, tree: Path) -> 
     total = await lfs.warm()
     assert total == (tree / "big").stat().st_size + 1
     assert lfs.fetcher.statistics().cache_misses == 0  # no cache configured: nothing counted as a miss
+
+
+async def test_readdir_makes_attributes_only_for_the_entries_taken(
+    lfs: LazyFilesystem, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel takes a page of entries per request: building every remaining entry's attributes
+    each time made listing a directory of n names O(n^2)."""
+    calls: list[int] = []
+    real = lfs.getattr
+
+    def counting(ino: int) -> Attr:
+        calls.append(ino)
+        return real(ino)
+
+    monkeypatch.setattr(lfs, "getattr", counting)
+    it = lfs.readdir(ROOT_INODE, 1)
+    assert calls == []
+    assert next(it).name == b"d"
+    assert len(calls) == 1
