@@ -250,6 +250,9 @@ class ChunkFetcher:
         self._writeback_bytes = 0
         self._writebacks: dict[int, asyncio.Task[None]] = {}
         self._writeback_room = asyncio.Condition()
+        # Cache writes take at most half the threads: the other half always serves cache
+        # reads, even while writes wait on a slow disk or the cache's node-wide lock.
+        self._put_slots = asyncio.Semaphore(max(1, config.threads // 2))
         self._c = _Counters()
         self._closed = False
         self._origin_ok = True
@@ -304,7 +307,12 @@ class ChunkFetcher:
         await self.get(index, priority)
         task = self._writebacks.get(index)
         if task is not None:
-            await asyncio.shield(task)
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.config.read_timeout)
+            except TimeoutError:
+                # The write is stuck (a dead disk, a stopped holder of the cache lock): the
+                # bytes are in memory, so the caller reads them through the mount.
+                return None
         if self.cache is None:
             return None
         loop = asyncio.get_running_loop()
@@ -708,7 +716,8 @@ class ChunkFetcher:
         assert cache is not None
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, cache.put, chunk.digest, data)
+            async with self._put_slots:
+                await loop.run_in_executor(self._executor, cache.put, chunk.digest, data)
         except Exception as exc:
             self._c.cache_write_errors += 1
             log.warning("could not write chunk %s to the cache: %s", chunk.digest.hex()[:16], exc)

@@ -36,7 +36,8 @@ Readers take no lock: a reader that finds an entry and then fails to open the
 file re-checks the index, and an evicted chunk is a plain miss.  A file that is
 already open stays readable after its unlink (POSIX), so eviction never breaks
 a read in progress.  The lock is held for a transaction and a few syscalls,
-never for a chunk write.  lmdb allows one environment per path per process, so
+never for a chunk write; a wait for it ends after :data:`LOCK_TIMEOUT` as a cache
+error, and access-time flushes only take it when it is free.  lmdb allows one environment per path per process, so
 a second :meth:`ChunkStore.open` of a directory in one process is refused:
 share the store.
 
@@ -126,6 +127,11 @@ MAX_READERS: Final = 1024
 # noticeable, per 512 reads it is not.  Losing up to 2 s of hits on a crash only blurs LRU.
 TOUCH_BATCH: Final = 512
 TOUCH_INTERVAL: Final = 2.0
+# The longest wait for the namespace lock.  Its holders keep it for a transaction and a few
+# syscalls (milliseconds); a holder stopped or stuck on a dead disk must not stall every
+# process on the node for ever: past this, the operation fails as a cache error (a put is
+# not cached, an open says the cache is locked).  Access-time flushes never wait.
+LOCK_TIMEOUT = 30.0
 # Digests whose file this process has checked in full (so partial reads may skip the
 # check).  32 B each: 64 Ki digests (256 GiB of 4 MiB chunks) cost ~6 MB.
 VERIFIED_MAX: Final = 1 << 16
@@ -271,6 +277,10 @@ def _release(key: tuple[int, int] | None) -> None:
     with _OPEN_LOCK:
         if key is not None and _OPEN.get(key) == os.getpid():
             del _OPEN[key]
+
+
+class _LockBusy(CacheError):
+    """The namespace lock was not free within the wait allowed."""
 
 
 class ChunkStore:
@@ -653,7 +663,7 @@ class ChunkStore:
                 os.fsync(fd)
             _checkpoint("temp-written")
             outcome = self._commit_insert(digest, tmp, _Entry(size, checksum, 0))
-        except (OSError, lmdb.Error) as exc:
+        except (OSError, lmdb.Error, _LockBusy) as exc:
             self._error("put", "cache: could not insert chunk %s: %s", digest.hex(), exc)
         finally:
             os.close(fd)  # drops the temp lock; after a commit the file is a chunk file
@@ -918,15 +928,20 @@ class ChunkStore:
             self._touches[digest] = now
             due = len(self._touches) >= TOUCH_BATCH or time.monotonic() - self._last_flush >= TOUCH_INTERVAL
         if due:
-            self._flush_touches()
+            self._flush_touches(wait=0.0)
 
-    def _flush_touches(self) -> None:
+    def _flush_touches(self, wait: float | None = None) -> None:
+        """Write the recorded access times.  ``wait=0``: only if the namespace lock is free now
+        (a read must not wait for bookkeeping); otherwise they stay for the next flush."""
         with self._lock:
             if not self._touches:
                 return
         try:
-            with self._exclusive(), self._env.begin(write=True) as txn:
+            with self._exclusive(wait), self._env.begin(write=True) as txn:
                 self._flush_touches_txn(txn)
+        except _LockBusy:
+            if wait is None or wait > 0:
+                raise
         except lmdb.Error as exc:
             self._error("index", "cache: could not record access times: %s", exc)
 
@@ -1168,20 +1183,42 @@ class ChunkStore:
     # --- helpers --------------------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
+    def _exclusive(self, wait: float | None = None) -> Iterator[None]:
         """The namespace lock: one holder per node (threads: a mutex; processes: flock).
 
-        Never nested.  Order: this lock, then an lmdb write transaction.
+        Waits at most ``wait`` seconds (default :data:`LOCK_TIMEOUT`), then raises
+        :class:`_LockBusy` (a :class:`CacheError`).  Never nested.  Order: this lock, then
+        an lmdb write transaction.
         """
-        with self._mutex:
+        limit = LOCK_TIMEOUT if wait is None else wait
+        deadline = time.monotonic() + limit
+        got = self._mutex.acquire(timeout=limit) if limit > 0 else self._mutex.acquire(blocking=False)
+        if not got:
+            raise _LockBusy(f"cache {self._dir}: a thread of this process holds its lock for over {limit:g} s")
+        try:
             fd = self._lock_fd
             if fd is None:
                 raise CacheError(f"cache {self._dir} is closed")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            pause = 0.001
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise _LockBusy(
+                            f"cache {self._dir}: another process has held {self._dir / 'store.lock'} "
+                            f"for over {limit:g} s; not waiting longer"
+                        ) from None
+                    time.sleep(min(pause, left))
+                    pause = min(pause * 2, 0.05)
             try:
                 yield
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            self._mutex.release()
 
     def _check_open(self) -> None:
         if self._lock_fd is None:

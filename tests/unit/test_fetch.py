@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -244,3 +245,42 @@ async def test_a_source_that_raises_costs_a_miss_not_the_read(published: tuple[M
         assert st.peer_errors == 1 and st.bytes_from_origin > 0
     finally:
         await f.aclose()
+
+
+class _StuckPutStore(ChunkStore):
+    """A store whose writes hang (a dead disk, a stopped holder of the cache lock) until released."""
+
+    release = threading.Event()
+
+    def put(self, digest: bytes, data: bytes | bytearray | memoryview) -> bool:
+        assert self.release.wait(20), "the test never released the stuck writes"
+        return super().put(digest, data)
+
+
+async def test_stuck_cache_writes_neither_hang_the_loader_nor_starve_cache_reads(
+    published: tuple[MemoryOrigin, Manifest], tmp_path: Path
+) -> None:
+    origin, m = published
+    hit = m.chunks[0]
+    with ChunkStore.open(tmp_path / "c", 1 << 30) as s:
+        assert s.put(hit.digest, await ChunkFetcher(m, origin, None).get(0))
+    store = _StuckPutStore.open(tmp_path / "c", 1 << 30)
+    _StuckPutStore.release.clear()
+    f = ChunkFetcher(m, origin, store, FetchConfig(threads=4, read_timeout=0.5))
+    try:
+        misses = range(1, 9)
+        await asyncio.gather(*(f.get(i) for i in misses))  # eight writes now hang
+        # The loader's question "where is chunk 1's file?" gets "read it through the mount"
+        # after the read deadline, not never.
+        assert await asyncio.wait_for(f.cached_path(1), 5) is None
+        # A cache hit still finds a thread: writes may hold only half of them.
+        assert digest_ok(hit, await asyncio.wait_for(f.get(0), 5))
+        assert f.statistics().cache_hits == 1
+        _StuckPutStore.release.set()
+        await asyncio.wait_for(f.wait_idle(), 20)
+        assert all(store.contains(m.chunks[i].digest) for i in misses)
+        assert await f.cached_path(1) == str(store.path_of(m.chunks[1].digest))
+    finally:
+        _StuckPutStore.release.set()
+        await f.aclose()
+        store.close()

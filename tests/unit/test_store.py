@@ -256,6 +256,35 @@ def test_access_times_are_batched(store: ChunkStore) -> None:
     assert store._env.info()["last_txnid"] == before  # no write transaction per read
 
 
+def test_a_stuck_lock_holder_costs_a_bounded_wait_and_reads_never_wait(
+    store: ChunkStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another process holding store.lock (stopped, or stuck on a dead disk) must not hang this one:
+    a put gives up after LOCK_TIMEOUT (not cached, counted, no temp file left), a read's access-time
+    flush does not wait at all, and once the lock is free everything works again."""
+    monkeypatch.setattr("lazyfs.store.cache.LOCK_TIMEOUT", 0.3)
+    monkeypatch.setattr("lazyfs.store.cache.TOUCH_BATCH", 1)  # every read would flush
+    old, old_data = make_chunk(20)
+    assert store.put(old, old_data)
+    new, new_data = make_chunk(21)
+    holder = os.open(store.directory / "store.lock", os.O_RDWR)  # its own open file: flock conflicts
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        t = time.monotonic()
+        for _ in range(50):
+            assert store.read(old) == old_data
+        assert time.monotonic() - t < 0.3 * 5  # fifty reads that had waited would take 15 s
+        t = time.monotonic()
+        assert store.put(new, new_data) is False
+        assert 0.25 <= time.monotonic() - t < 5
+        assert not store.contains(new) and os.listdir(store.directory / "tmp") == []
+        assert store.statistics().errors == 1
+        assert any("store.lock" in w and "not waiting longer" in w for w in warnings_in(caplog))
+    finally:
+        os.close(holder)
+    assert store.put(new, new_data) is True and store.read(new) == new_data
+
+
 def test_capacity_respected(tmp_path: Path) -> None:
     rng = random.Random(7)
     capacity = 50_000
