@@ -77,7 +77,8 @@ try:
     _syscall.restype = ctypes.c_long
 except (OSError, AttributeError):  # not glibc-like: no cachestat, never direct
     _libc = None
-_have_cachestat = _libc is not None
+# None: not asked yet (see cachestat_supported).
+_have_cachestat: bool | None = None if _libc is not None else False
 
 
 class Hasher(Protocol):
@@ -86,6 +87,21 @@ class Hasher(Protocol):
 
 class DirectRefused(Exception):
     """The kernel will not read this file with ``O_DIRECT`` (alignment, file system): read it buffered."""
+
+
+def cachestat_supported() -> bool:
+    """Whether this kernel answers ``cachestat`` (Linux 6.5+, and not refused by a seccomp filter).
+
+    Without it no range is ever known to be uncached, so direct reading never happens, and a
+    reader must not turn off read-ahead for it.  Asked once, on fd -1: a kernel that has the
+    call says EBADF; one without it says ENOSYS; a container's filter typically EPERM.
+    """
+    global _have_cachestat
+    if _have_cachestat is None:
+        rng, st = _Range(0, ALIGN), _CacheStat()
+        rc = _syscall(ctypes.c_long(_SYS_CACHESTAT), -1, ctypes.byref(rng), ctypes.byref(st), 0)
+        _have_cachestat = rc != 0 and ctypes.get_errno() == errno.EBADF
+    return _have_cachestat
 
 
 def uncached(fd: int, offset: int, length: int) -> bool:
@@ -98,7 +114,7 @@ def uncached(fd: int, offset: int, length: int) -> bool:
     global _have_cachestat
     lo = -(-offset // ALIGN) * ALIGN
     hi = (offset + length) // ALIGN * ALIGN
-    if not _have_cachestat or hi <= lo:
+    if hi <= lo or not cachestat_supported():
         return False
     rng = _Range(lo, hi - lo)
     st = _CacheStat()

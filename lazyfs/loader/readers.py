@@ -42,7 +42,7 @@ from typing import Any, Protocol
 
 import xxhash
 
-from lazyfs.loader.direct import DirectRefused, open_direct, read_direct, uncached
+from lazyfs.loader.direct import DirectRefused, cachestat_supported, open_direct, read_direct, uncached
 from lazyfs.loader.errors import LoaderIOError
 from lazyfs.loader.header import Header, read_header, read_header_with
 
@@ -153,7 +153,7 @@ class PlainReader:
             os.close(self.fd)
             raise LoaderIOError(f"{path}: not a regular file")
         self.size = st.st_size
-        if direct:
+        if direct and cachestat_supported():
             self.dfd = open_direct(self.fd)
             if self.dfd is not None:
                 _no_readahead(self.fd)
@@ -223,7 +223,7 @@ class CacheReader:
         self.path = path
         # Read cache files that are not in the page cache with O_DIRECT (lazyfs.loader.direct), and
         # ask the daemon not to start the kernel's read-ahead of them, which would read them twice.
-        self.direct = direct
+        self.direct = direct and cachestat_supported()
         self.mount = PlainReader(path)
         self.rel = os.path.relpath(path, mount_root)
         self.socket_path = socket_path

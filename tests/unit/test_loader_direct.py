@@ -373,3 +373,45 @@ def test_a_refused_cachestat_is_about_that_file_only(monkeypatch: pytest.MonkeyP
     assert D.uncached(0, 0, MiB) is False and D._have_cachestat is True
     monkeypatch.setattr(D, "_syscall", refuse(errno.ENOSYS))
     assert D.uncached(0, 0, MiB) is False and D._have_cachestat is False
+
+
+def test_cachestat_support_is_asked_once_on_fd_minus_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+
+    def answer(err: int) -> object:
+        def call(nr: object, fd: int, *args: object) -> int:
+            calls.append(fd)
+            ctypes.set_errno(err)
+            return -1
+
+        return call
+
+    for err, supported in ((errno.EBADF, True), (errno.ENOSYS, False), (errno.EPERM, False)):
+        monkeypatch.setattr(D, "_have_cachestat", None)
+        monkeypatch.setattr(D, "_syscall", answer(err))
+        calls.clear()
+        assert D.cachestat_supported() is supported and D.cachestat_supported() is supported
+        assert calls == [-1]
+
+
+def test_without_cachestat_direct_readers_keep_read_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a kernel before 6.5 (or behind a seccomp filter) no range is known to be uncached, so
+    nothing would be read direct: a reader asked for direct_io reads plainly, read-ahead on."""
+    monkeypatch.setattr(D, "_have_cachestat", False)
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(4 * MiB))
+    advised: list[int] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, advice: advised.append(advice))
+    r = PlainReader(str(path), direct=True)
+    try:
+        assert r.dfd is None and advised == []
+        buf = bytearray(2 * MiB)
+        r.readinto(MiB, [memoryview(buf)])
+        assert bytes(buf) == path.read_bytes()[MiB : 3 * MiB] and r.bytes_direct == 0
+    finally:
+        r.close()
+    c = CacheReader(str(path), str(tmp_path), str(tmp_path / "no.sock"), direct=True)
+    try:
+        assert c.direct is False
+    finally:
+        c.close()
