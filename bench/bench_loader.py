@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import gc
 import os
 import shlex
@@ -61,13 +60,13 @@ from bench.common import (
     ensure_weights,
     lazyfs_argv,
     median,
-    replace_section,
     resident_bytes,
     seed_once,
     start_nginx,
     unmount_all,
     wait_quiet,
     warm_memory,
+    write_section,
 )
 from lazyfs.cli import parse_size
 from lazyfs.loader.readers import PlainReader
@@ -411,26 +410,12 @@ def fmt(xs: Sequence[float]) -> str:
 
 
 def write_results(path: Path, bench: Bench, command: str) -> None:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    body = [
-        SECTION_BEGIN,
-        "## bench_loader — lazyfs.loader vs safetensors (CPU)",
-        "",
+    about = (
         f"Machine: {MACHINE} (kernel {os.uname().release}), torch {torch.__version__}, safetensors "
-        f"{safetensors.__version__}. Date: {now}. Medians of the runs listed below.",
-        "",
-        "Command (as root, from the repository root):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        *bench.table(),
-        "",
-        *[f"- {n}" for n in dict.fromkeys(bench.notes)],
-        SECTION_END,
-    ]
-    replace_section(path, SECTION_BEGIN, SECTION_END, body)
+        f"{safetensors.__version__}. Date: {{date}}. Medians of the runs listed below."
+    )
+    title = "bench_loader — lazyfs.loader vs safetensors (CPU)"
+    write_section(path, (SECTION_BEGIN, SECTION_END), title, about, command, bench.table(), bench.notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

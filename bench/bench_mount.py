@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
 import shlex
@@ -51,13 +50,13 @@ from bench.common import (
     ensure_weights,
     median,
     read_file,
-    replace_section,
     resident_bytes,
     seed_once,
     start_nginx,
     unmount_all,
     wait_quiet,
     warm_memory,
+    write_section,
 )
 from lazyfs.catalog import verify_manifest
 from lazyfs.cli import parse_size
@@ -467,25 +466,9 @@ class Bench:
 
 
 def write_results(path: Path, bench: Bench, command: str) -> None:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    body = [
-        SECTION_BEGIN,
-        "## bench_mount — reading through a mount",
-        "",
-        f"Machine: {MACHINE} (kernel {os.uname().release}). Date: {now}.",
-        "",
-        "Command (as root, from the repository root; about 10 minutes on a quiet machine):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        *bench.table(),
-        "",
-        *[f"- {n}" for n in bench.notes],
-        SECTION_END,
-    ]
-    replace_section(path, SECTION_BEGIN, SECTION_END, body)
+    about = f"Machine: {MACHINE} (kernel {os.uname().release}). Date: {{date}}. About 10 minutes on a quiet machine."
+    title = "bench_mount — reading through a mount"
+    write_section(path, (SECTION_BEGIN, SECTION_END), title, about, command, bench.table(), bench.notes)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

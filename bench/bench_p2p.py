@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import datetime
 import json
 import os
 import secrets
@@ -66,12 +65,12 @@ from bench.common import (
     drop_caches,
     ensure_weights,
     median,
-    replace_section,
     seed_once,
     start_nginx,
     unmount_all,
     wait_quiet,
     warm_memory,
+    write_section,
 )
 from lazyfs.catalog import verify_manifest
 from lazyfs.cli import parse_size
@@ -685,34 +684,13 @@ def manifest_of(origin_dir: Path, name: str) -> Manifest:
 
 
 def write_results(path: Path, bench: Bench, command: str) -> None:
-    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    body = [
-        SECTION_BEGIN,
-        "## bench_p2p — N nodes mount the same model at once, with and without peers",
-        "",
+    about = (
         f"Machine: {MACHINE} (kernel {os.uname().release}); every node, the origin and the network run on it. "
-        f"Date: {now}.",
-        "",
-        "Command (as root, from the repository root):",
-        "",
-        "```",
-        command,
-        "```",
-        "",
-        *bench.table(),
-        "",
-        *[f"- {n}" for n in bench.notes],
-        "",
-        "<details><summary>per-node detail</summary>",
-        "",
-        "```",
-        *bench.details,
-        "```",
-        "",
-        "</details>",
-        SECTION_END,
-    ]
-    replace_section(path, SECTION_BEGIN, SECTION_END, body)
+        "Date: {date}."
+    )
+    title = "bench_p2p — N nodes mount the same model at once, with and without peers"
+    details = ["", "<details><summary>per-node detail</summary>", "", "```", *bench.details, "```", "", "</details>"]
+    write_section(path, (SECTION_BEGIN, SECTION_END), title, about, command, bench.table(), bench.notes, details)
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import json
 import mmap
 import os
@@ -472,3 +473,38 @@ def replace_section(path: Path, begin: str, end: str, body: Sequence[str]) -> No
     else:
         text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
     path.write_text(text)
+
+
+def write_section(
+    path: Path,
+    markers: tuple[str, str],
+    title: str,
+    about: str,
+    command: str,
+    table: Sequence[str],
+    notes: Sequence[str],
+    extra: Sequence[str] = (),
+) -> None:
+    """Write one benchmark's section of RESULTS.md: title, machine and date line (``about``, to
+    which the date is added), the exact command, the table, the notes (each once), then ``extra``."""
+    begin, end = markers
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    body = [
+        begin,
+        f"## {title}",
+        "",
+        about.replace("{date}", now),
+        "",
+        "Command (as root, from the repository root):",
+        "",
+        "```",
+        command,
+        "```",
+        "",
+        *table,
+        "",
+        *[f"- {n}" for n in dict.fromkeys(notes)],
+        *extra,
+        end,
+    ]
+    replace_section(path, begin, end, body)
