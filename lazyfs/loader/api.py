@@ -154,7 +154,10 @@ class LoadStatistics:
     chunks_from_mount: int  # fast path: chunks the daemon could not cache, read through the mount
     chunks_checked: int = 0  # of chunks_from_cache: checked by the loader (the daemon had not read them)
     chunks_mismatched: int = 0  # cache files whose bytes failed that check (read through the mount)
-    bytes_direct: int = 0  # read with O_DIRECT: not in the page cache (lazyfs.loader.direct)
+    # Bytes read from disk with O_DIRECT (lazyfs.loader.direct): not in the page cache.  A disk
+    # figure, not a share of ``bytes``: a chunk the loader checks is read whole, so loading a
+    # few keys can read more than it loads.
+    bytes_direct: int = 0
 
     @property
     def gbps(self) -> float:
