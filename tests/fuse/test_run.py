@@ -263,12 +263,16 @@ def test_sigkill_of_lazyfs_run_leaves_no_mount_and_no_process(debian_image: Imag
     is told to stop, and the mounts go away with the private namespace.  Only the empty scaffolding of
     its temporary directory stays."""
     img = debian_image.variant(image_config(Cmd=["python3", "-c", SLEEPER]), "sigkill")
+
+    def sleepers() -> set[int]:
+        return {int(p) for p in os.listdir("/proc") if p.isdigit() and b"time.sleep(120)" in _cmdline(p)}
+
+    earlier = sleepers()  # of an earlier run on a reused machine: not this test's to judge
     proc, tmp = runner.start(debian_image.file_url, img.ref)
     assert proc.stdout is not None
     assert proc.stdout.readline() == "started\n"
     pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and os.fspath(tmp).encode() in _cmdline(p)]
-    program = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"time.sleep(120)" in _cmdline(p)
-               and int(p) != proc.pid]  # fmt: skip
+    program = sorted(sleepers() - earlier - {proc.pid})
     assert pids and program
     proc.kill()
     proc.communicate(timeout=30)
