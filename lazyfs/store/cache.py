@@ -72,6 +72,14 @@ commit, which only turns into orphans or torn entries, both handled); with no
 sync at all a power loss could corrupt the B-tree.  ``fsync=True`` also
 fsyncs each chunk file and its directory before the index commit.
 
+**Writes bypass the page cache.**  A chunk of :data:`DIRECT_WRITE_MIN` bytes or more
+is written with ``O_DIRECT`` from a reused aligned buffer (``_files.write_direct``);
+a buffered write put every fetched byte into fresh page cache for the kernel to write
+back later.  A/B on the reference VM (``bench/ab_cache_write.py``, a cold 1 GiB read
+through a mount, 4 pairs): 2.80 -> 2.20 s, daemon 3.76 -> 3.15 CPU-s; loading it with
+``lazyfs.loader`` instead, which then reads the files from disk, 3.72 -> 2.50 s.
+A file system that refuses ``O_DIRECT`` gets buffered writes from then on.
+
 **Temp files** are created with an exclusive ``flock`` held until the writer
 is done; ``verify`` deletes only temp files whose lock it can take, so it is
 safe to run next to live daemons (no age heuristics).  Opening a store also
@@ -104,7 +112,15 @@ import xxhash
 
 from lazyfs.errors import CacheError, UsageError
 from lazyfs.manifest.schema import DIGEST_SIZE
-from lazyfs.store._files import create_locked_temp, fsync_dir, hash_file, read_at, try_lock, write_all
+from lazyfs.store._files import (
+    create_locked_temp,
+    fsync_dir,
+    hash_file,
+    read_at,
+    try_lock,
+    write_all,
+    write_direct,
+)
 
 __all__ = ["CHECKPOINTS", "FORMAT", "ChunkStore", "StoreStatistics", "VerifyReport"]
 
@@ -125,6 +141,9 @@ MAX_READERS: Final = 1024
 # Access times: one write transaction per this many hits or this many seconds, whichever
 # comes first.  A transaction costs ~0.3 ms (one fsync); per 4 MiB read that would be
 # noticeable, per 512 reads it is not.  Losing up to 2 s of hits on a crash only blurs LRU.
+# Chunks at least this big go to disk with O_DIRECT (_files.write_direct); smaller ones, where a
+# synchronous device write costs more than the copy it saves, through the page cache.
+DIRECT_WRITE_MIN: Final = 256 * 1024
 TOUCH_BATCH: Final = 512
 TOUCH_INTERVAL: Final = 2.0
 # The longest wait for the namespace lock.  Its holders keep it for a transaction and a few
@@ -289,6 +308,8 @@ class ChunkStore:
     Open with :meth:`open`; every method blocks and is meant for a worker thread.
     """
 
+    direct_writes = True
+
     def __init__(self, directory: Path, capacity: int, fsync: bool, env: Any, lock_fd: int) -> None:
         """Internal: use :meth:`ChunkStore.open`."""
         self._dir = directory
@@ -297,6 +318,9 @@ class ChunkStore:
         self._blob_dir = directory / "manifests"
         self._capacity = capacity
         self._fsync = fsync
+        # Chunk files of at least DIRECT_WRITE_MIN bytes are written with O_DIRECT until the file
+        # system refuses once (see _files.write_direct); a class attribute turns it off for A/Bs.
+        self._direct_writes = self.direct_writes
         self._env: Any = env
         self._db_chunks: Any = env.open_db(b"chunks")
         self._db_lru: Any = env.open_db(b"lru")
@@ -655,10 +679,11 @@ class ChunkStore:
             self._error("put", "cache: cannot create a temp file in %s: %s", self._tmp_dir, exc)
             return False
         try:
-            half = size // 2
-            write_all(fd, view[:half])
-            _checkpoint("temp-partial")
-            write_all(fd, view[half:])
+            if not (self._direct_writes and size >= DIRECT_WRITE_MIN and self._write_direct(fd, view)):
+                half = size // 2
+                write_all(fd, view[:half])
+                _checkpoint("temp-partial")
+                write_all(fd, view[half:])
             if self._fsync:
                 os.fsync(fd)
             _checkpoint("temp-written")
@@ -681,6 +706,13 @@ class ChunkStore:
         if outcome == "full":
             self._count("rejected")
         return outcome == "present"
+
+    def _write_direct(self, fd: int, view: memoryview) -> bool:
+        if write_direct(fd, view, lambda: _checkpoint("temp-partial")):
+            return True
+        self._direct_writes = False
+        log.info("cache %s: the file system refuses O_DIRECT; writing chunks through the page cache", self._dir)
+        return False
 
     def _commit_insert(self, digest: bytes, tmp: Path, entry: _Entry) -> str:
         """Make room, rename ``tmp`` into place and commit its entry, in one index transaction.

@@ -336,9 +336,11 @@ def test_cache_files_out_of_the_page_cache_are_read_direct(published: Published,
     mp = mounts(published.file_url, ref_name)
     path = mp / "model" / "model.safetensors"
     ref = safetensors.torch.load_file(published.src / "model" / "model.safetensors")
-    assert_same(load_file(path, direct_io=True), ref)  # cold: the daemon just wrote the files: page cache
+    # Cold: the daemon writes what it fetches around the page cache, so the loader reads the
+    # files it was just told about with O_DIRECT too.
+    assert_same(load_file(path, direct_io=True), ref)
     s = last_statistics()
-    assert s is not None and s.bytes_direct == 0 and s.chunks_from_cache > 0
+    assert s is not None and s.chunks_from_cache > 0 and s.bytes_direct >= s.bytes - MiB
 
     mounts.remount(mp, published.file_url, ref_name)
     files = sorted(p for p in (mounts.cache_of(mp) / "chunks").rglob("*") if p.is_file())

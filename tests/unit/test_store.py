@@ -5,6 +5,7 @@ Multi-process churn and SIGKILL crash tests live in test_store_crash.py.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -24,7 +25,7 @@ from blake3 import blake3
 import lazyfs
 from lazyfs.errors import CacheError, UsageError
 from lazyfs.loader.direct import uncached
-from lazyfs.store import ChunkStore, StoreStatistics
+from lazyfs.store import ChunkStore, StoreStatistics, cache
 from tests.helpers import evict_from_page_cache
 
 REPO = Path(lazyfs.__file__).resolve().parent.parent
@@ -185,6 +186,60 @@ def test_locate_starts_read_ahead_unless_told_not_to(tmp_path: Path) -> None:
         while not cached() and time.monotonic() < deadline:
             time.sleep(0.02)
         assert cached()
+
+
+def _in_page_cache(path: Path) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return not uncached(fd, 0, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "slice"])
+def test_big_chunks_go_to_disk_direct_and_read_back_exactly(tmp_path: Path, kind: str) -> None:
+    """Chunks of 256 KiB and more skip the page cache (O_DIRECT through an aligned buffer): sizes
+    that are not whole blocks, more than one buffer, and every kind of buffer a caller may pass."""
+    calls: list[str] = []
+    with ChunkStore.open(tmp_path / "c", 1 << 30) as s:
+        for size in (256 * 1024, 5 * 1024 * 1024 + 123, 4 * 1024 * 1024 - 1):
+            digest, data = make_chunk(size, size)
+            raw = bytes(data) + b"tail"
+            choices: dict[str, bytes | bytearray | memoryview] = {
+                "bytes": data, "bytearray": bytearray(data), "slice": memoryview(raw)[:size]
+            }
+            arg = choices[kind]
+            cache._crash_hook = calls.append
+            try:
+                assert s.put(digest, arg) is True
+            finally:
+                cache._crash_hook = None
+            path = s.path_of(digest)
+            assert path is not None and path.stat().st_size == size
+            assert not _in_page_cache(path)  # written around the page cache
+            assert s.read(digest) == data
+        assert s._direct_writes is True and os.listdir(s.directory / "tmp") == []
+    assert calls[:2] == ["temp-partial", "temp-written"]  # the crash tests' checkpoints still happen
+
+
+def test_a_file_system_without_direct_io_gets_buffered_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = os.pwrite
+
+    def refuse(fd: int, data: object, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", refuse)
+    with ChunkStore.open(tmp_path / "c", 1 << 30) as s:
+        for i in range(2):
+            digest, data = make_chunk(40 + i, 1024 * 1024 + 5)
+            assert s.put(digest, data) is True and s.read(digest) == data
+            assert s.path_of(digest).stat().st_size == len(data)  # type: ignore[union-attr]
+        assert s._direct_writes is False
+    assert any("refuses O_DIRECT" in r.getMessage() for r in caplog.records)
 
 
 def test_closed_store_raises(tmp_path: Path) -> None:
