@@ -14,8 +14,9 @@ requests are), the remaining live members are asked for cached copies only:
 with the origin down, the cluster still serves whatever any node holds.
 
 Peers are untrusted: every answer goes through the fetcher's verifier (BLAKE3
-against the manifest) before it is returned; a peer that sends bad bytes is
-marked bad (see :class:`p2p.membership.Membership`) and the next one is tried.
+against the manifest) before it is returned; a peer that sends bad bytes, or an
+answer of the wrong length, is marked bad (see :class:`p2p.membership.Membership`)
+and the next one is tried.
 """
 
 from __future__ import annotations
@@ -226,24 +227,30 @@ class PeerSource:
                     packed = encoding == protocol.ZSTD
                     if encoding and not (packed and "Accept-Encoding" in headers):
                         return self._bad(key, f"Content-Encoding {encoding!r}, which this node did not offer")
+                    # A length other than the chunk's is a protocol violation, like bad bytes: an
+                    # honest peer always sends the chunk it verified, with its exact Content-Length.
                     if packed:
                         # Compressed: the body is at most the chunk (the server sends it raw otherwise).
                         length = resp.content_length
                         if length is None or not 0 < length <= chunk.size:
-                            return self._failed(key, f"compressed body of {length} bytes for a {chunk.size}-byte chunk")
+                            return self._bad(key, f"compressed body of {length} bytes for a {chunk.size}-byte chunk")
                     else:
                         length = chunk.size
                         if resp.content_length is not None and resp.content_length != chunk.size:
-                            return self._failed(
-                                key, f"{resp.content_length} bytes announced for a {chunk.size}-byte chunk"
-                            )
-                    body = await resp.content.readexactly(length)
+                            announced = resp.content_length
+                            return self._bad(key, f"{announced} bytes announced for a {chunk.size}-byte chunk")
+                    try:
+                        body = await resp.content.readexactly(length)
+                    except asyncio.IncompleteReadError as exc:
+                        # The body ended where its framing (Content-Length, chunked encoding) said it
+                        # would, short of the chunk: a lie.  A connection cut before the announced end
+                        # is not one (a peer that crashed or was killed mid-reply): aiohttp raises
+                        # ClientPayloadError for that, a transport failure handled below.
+                        return self._bad(key, f"body ended after {len(exc.partial)} of {length} bytes")
                     if await resp.content.read(1):
-                        return self._failed(key, f"more than {length} bytes for the chunk")
+                        return self._bad(key, f"more than {length} bytes for the chunk")
         except TimeoutError:
             return self._failed(key, f"no answer within {budget:.1f} s")
-        except asyncio.IncompleteReadError as exc:
-            return self._failed(key, f"connection closed after {len(exc.partial)} of {chunk.size} bytes")
         except (aiohttp.ClientError, OSError) as exc:
             return self._failed(key, f"{type(exc).__name__}: {exc}")
         try:

@@ -281,14 +281,16 @@ class RawPeer:
         await asyncio.sleep(0)
 
 
-async def half_then_close_server(port: int) -> RawPeer:
-    """A peer that announces a whole chunk, sends half of it and drops the connection."""
+async def half_then_close_server(port: int, m: Manifest) -> RawPeer:
+    """A peer that announces the whole chunk (its true size), sends half of it and drops the connection."""
     peer = RawPeer()
+    sizes = {c.digest.hex().encode(): c.size for c in m.chunks}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer.writers.append(writer)
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % CHUNK + b"\0" * (CHUNK // 2))
+        head = await reader.readuntil(b"\r\n\r\n")
+        size = sizes.get(head.split(b" ", 2)[1].rsplit(b"/", 1)[-1], CHUNK)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size + b"\0" * (size // 2))
         await writer.drain()
         writer.transport.abort()
 
@@ -296,7 +298,7 @@ async def half_then_close_server(port: int) -> RawPeer:
     return peer
 
 
-async def silent_server(port: int) -> RawPeer:
+async def silent_server(port: int, m: Manifest) -> RawPeer:
     """A peer that accepts connections and never answers."""
     peer = RawPeer()
 
@@ -313,11 +315,11 @@ async def silent_server(port: int) -> RawPeer:
 async def test_a_broken_peer_costs_at_most_one_deadline(
     cluster: Cluster,
     published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]],
-    make_peer: Callable[[int], Awaitable[RawPeer]],
+    make_peer: Callable[[int, Manifest], Awaitable[RawPeer]],
 ) -> None:
     origin, m, files = published
     bad_port, a_port = free_port(), free_port()
-    server = await make_peer(bad_port)
+    server = await make_peer(bad_port, m)
     try:
         bad_key = f"127.0.0.1:{bad_port}"
         a_key = f"127.0.0.1:{a_port}"
@@ -339,6 +341,59 @@ async def test_a_broken_peer_costs_at_most_one_deadline(
         assert time.monotonic() - t0 < 0.4
     finally:
         await server.close()
+
+
+async def length_liar_server(port: int, m: Manifest, lie: str) -> RawPeer:
+    """A keep-alive peer whose answers are framed correctly (nothing is cut) but are not the chunk's
+    length: a Content-Length of half or more than the chunk, or a chunked body that ends short or
+    runs long; for "zstd-unframed" a compressed body with no Content-Length at all."""
+    peer = RawPeer()
+    sizes = {c.digest.hex().encode(): c.size for c in m.chunks}
+
+    def answer(size: int) -> bytes:
+        if lie == "announced-short":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (size // 2) + os.urandom(size // 2)
+        if lie == "announced-long":
+            return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (size + 7) + os.urandom(size + 7)
+        n = {"chunked-short": size // 2, "chunked-long": size + 7, "zstd-unframed": size // 2}[lie]
+        encoding = b"Content-Encoding: zstd\r\n" if lie == "zstd-unframed" else b""
+        return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + encoding + b"\r\n"
+                + b"%x\r\n" % n + os.urandom(n) + b"\r\n0\r\n\r\n")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer.writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            for _ in range(10_000):  # requests on this connection; the client gives up long before
+                head = await reader.readuntil(b"\r\n\r\n")
+                digest = head.split(b" ", 2)[1].rsplit(b"/", 1)[-1]
+                writer.write(answer(max(sizes.get(digest, CHUNK), 2)))
+                await writer.drain()
+
+    peer.server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return peer
+
+
+@pytest.mark.allow_warnings  # the node warns about the lying peer
+@pytest.mark.parametrize("lie", ["announced-short", "announced-long", "chunked-short", "chunked-long", "zstd-unframed"])
+async def test_a_peer_lying_about_the_length_is_marked_bad(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]], lie: str
+) -> None:
+    """A complete answer of the wrong length breaks the protocol as bad bytes do: the peer is held
+    as bad (bad_hold), not merely backed off like a peer whose connection was cut (see above)."""
+    origin, m, files = published
+    liar_port, a_port = free_port(), free_port()
+    liar = await length_liar_server(liar_port, m, lie)
+    try:
+        liar_key, a_key = f"127.0.0.1:{liar_port}", f"127.0.0.1:{a_port}"
+        a = await cluster.start(origin, a_key, [liar_key, a_key])
+        assert await a.read_all(m) == files
+        st = a.tier.statistics()
+        assert a.tier.members.state(liar_key) == "bad"
+        assert st.per_peer_bad[liar_key] >= 1 and st.bad_chunks == st.per_peer_bad[liar_key]
+        assert a.fetcher.statistics().verify_failures == 0, "refused before anything was verified"
+        assert cached_chunks_are_genuine(a, m) == len({c.digest for c in m.chunks})
+    finally:
+        await liar.close()
 
 
 async def test_the_token_is_required_and_the_server_serves_only_chunks(
