@@ -8,7 +8,9 @@ same keys and so the same placement.
 
 Health is local: a peer that fails (refused, reset, timed out, 5xx) is skipped
 for a backoff that doubles per consecutive failure; one that sent bytes that
-failed verification is skipped for ``bad_hold`` seconds and counted.  Skipped
+failed verification (or otherwise broke the protocol) is skipped for
+``bad_hold`` seconds and counted; that hold is kept by address, so leaving the
+member set and rejoining does not end it.  Skipped
 peers drop out of placement, so their chunks go to each chunk's next
 candidate — on every node at about the same time, since they all see the same
 failure.
@@ -26,6 +28,7 @@ import ipaddress
 import logging
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
@@ -35,6 +38,12 @@ from p2p.placement import rank
 __all__ = ["Membership", "PeerHealth", "Resolver", "format_key", "is_local_ip", "system_resolver"]
 
 log = logging.getLogger(__name__)
+
+# Bad-peer holds remembered at once.  They are kept by address, members or not (a peer that
+# leaves and rejoins, by a DNS blip or a restart, is still held), so the set is not bounded by
+# the member set: a cluster has at most a few hundred nodes, and an address held past this many
+# others is the oldest hold, the first to end anyway (all holds last bad_hold).  ~100 bytes each.
+MAX_BAD_HOLDS = 1024
 
 # (host, port) -> IP addresses; raises OSError when the name does not resolve.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -65,7 +74,6 @@ def is_local_ip(ip: str) -> bool:
 class PeerHealth:
     failures: int = 0  # consecutive
     skip_until: float = 0.0
-    bad_until: float = 0.0
     errors: int = 0  # all time
     bad: int = 0  # chunks that failed verification
     bytes: int = 0  # verified bytes received
@@ -89,6 +97,8 @@ class Membership:
         self.members: frozenset[str] = frozenset()
         self.self_key: str | None = None
         self.health: dict[str, PeerHealth] = {}
+        # address -> end of its bad hold, in order of ending (every hold lasts bad_hold).
+        self.bad_holds: OrderedDict[str, float] = OrderedDict()
         self._task: asyncio.Task[None] | None = None
         self._local: dict[str, bool] = {}
 
@@ -170,7 +180,9 @@ class Membership:
         out = []
         for key in self.members:
             h = self.health.get(key)
-            if key == self.self_key or h is None or (now >= h.skip_until and now >= h.bad_until):
+            if key == self.self_key or (
+                (h is None or now >= h.skip_until) and now >= self.bad_holds.get(key, 0.0)
+            ):
                 out.append(key)
         return out
 
@@ -206,7 +218,14 @@ class Membership:
         h.bad += 1
         h.errors += 1
         h.last_error = reason
-        h.bad_until = self.clock() + self.config.bad_hold
+        now = self.clock()
+        self.bad_holds.pop(key, None)
+        self.bad_holds[key] = now + self.config.bad_hold
+        while self.bad_holds:  # at most len(bad_holds) steps
+            first, until = next(iter(self.bad_holds.items()))
+            if until > now and len(self.bad_holds) <= MAX_BAD_HOLDS:
+                break
+            del self.bad_holds[first]
         log.warning("peer %s sent bad bytes or broke the protocol (%s); not asking it for %.0f s",
                     key, reason, self.config.bad_hold)
 
@@ -215,10 +234,10 @@ class Membership:
             return "self"
         h = self.health.get(key)
         now = self.clock()
+        if now < self.bad_holds.get(key, 0.0):
+            return "bad"
         if h is None:
             return "ok"
-        if now < h.bad_until:
-            return "bad"
         if now < h.skip_until:
             return "backoff"
         return "ok"

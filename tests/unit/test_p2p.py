@@ -153,6 +153,41 @@ async def test_backoff_doubles_and_bad_peers_are_held() -> None:
     assert b in m.live() and m.health[b].bad == 1
 
 
+@pytest.mark.allow_warnings
+async def test_a_bad_peer_stays_held_when_it_leaves_and_rejoins(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hold is kept by address: dropping out of DNS for a refresh (or restarting at the same
+    address) does not clear it; and the holds kept are bounded, the oldest going first."""
+    clock = Clock()
+    records = {"peers.test": ["10.0.0.1", "10.0.0.2"]}
+    m = membership(clock, records, peers_dns="peers.test:7070", bad_hold=60)
+    await m.refresh()
+    a, b = "10.0.0.1:7070", "10.0.0.2:7070"
+    m.sent_bad(a, "digest mismatch")
+    records["peers.test"] = ["10.0.0.2"]
+    await m.refresh()
+    assert a not in m.members and a not in m.health
+    clock.now += 30
+    records["peers.test"] = ["10.0.0.1", "10.0.0.2"]
+    await m.refresh()
+    assert a in m.members
+    assert m.state(a) == "bad" and m.live() == [b], "rejoining cleared the bad hold"
+    clock.now += 31
+    assert m.state(a) == "ok" and sorted(m.live()) == [a, b]
+
+    monkeypatch.setattr("p2p.membership.MAX_BAD_HOLDS", 3)
+    for i in range(10):
+        clock.now += 1
+        m.sent_bad(f"10.0.1.{i}:7070", "digest mismatch")
+    assert list(m.bad_holds) == ["10.0.1.7:7070", "10.0.1.8:7070", "10.0.1.9:7070"]
+    m.sent_bad("10.0.1.8:7070", "again")  # a new hold moves to the back: it ends last
+    clock.now += 58.5  # .7's hold has ended, .9's ends in 1.5 s
+    m.sent_bad(b, "digest mismatch")
+    assert list(m.bad_holds) == ["10.0.1.9:7070", "10.0.1.8:7070", b], "an ended hold is dropped"
+    m.sent_bad(a, "digest mismatch")
+    assert list(m.bad_holds) == ["10.0.1.8:7070", b, a], "over the bound, the hold that ends first goes"
+    assert m.state("10.0.1.8:7070") == "bad" and m.state("10.0.1.9:7070") == "ok"
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(["mount", "file:///o", "m:1", "/mnt", *argv])
 
