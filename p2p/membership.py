@@ -10,10 +10,11 @@ Health is local: a peer that fails (refused, reset, timed out, 5xx) is skipped
 for a backoff that doubles per consecutive failure; one that sent bytes that
 failed verification (or otherwise broke the protocol) is skipped for
 ``bad_hold`` seconds and counted; that hold is kept by address, so leaving the
-member set and rejoining does not end it.  Skipped
-peers drop out of placement, so their chunks go to each chunk's next
-candidate — on every node at about the same time, since they all see the same
-failure.
+member set and rejoining does not end it.  One whose own origin fetch failed
+("503 origin") stays live, for its cached copies, but is no chunk's candidate
+for ``ORIGIN_HOLD`` seconds.  Skipped peers drop out of placement, so their
+chunks go to each chunk's next candidate — on every node at about the same
+time, since they all see the same failure.
 
 This node is a member when one of the resolved addresses is its own: the port
 it listens on, at an IP it can bind (or exactly its listen IP, when it listens
@@ -45,6 +46,16 @@ log = logging.getLogger(__name__)
 # others is the oldest hold, the first to end anyway (all holds last bad_hold).  ~100 bytes each.
 MAX_BAD_HOLDS = 1024
 
+# A peer that answered "503 origin" (it could not fetch a chunk from the origin) is nobody's
+# candidate for this long (see Membership.origin_failed).  Per peer, not per chunk: an origin that
+# fails for one chunk (credentials, a partition, an outage) fails for the next, and a node reads
+# each chunk about once, so a per-chunk hold would save nothing; while held, each of its chunks
+# costs nothing to skip, instead of a round trip (and, where this node comes next, a sweep of
+# every member for copies).  Short: a home's origin may recover within seconds, and meanwhile its
+# chunks' next candidate (the same one on every node) fetches them, so the origin still sees each
+# chunk once.  About one peer timeout (PeerConfig.timeout), what a silent peer costs.
+ORIGIN_HOLD = 5.0
+
 # (host, port) -> IP addresses; raises OSError when the name does not resolve.
 Resolver = Callable[[str, int], Awaitable[list[str]]]
 
@@ -74,6 +85,7 @@ def is_local_ip(ip: str) -> bool:
 class PeerHealth:
     failures: int = 0  # consecutive
     skip_until: float = 0.0
+    origin_until: float = 0.0  # not asked to fetch from the origin before this (ORIGIN_HOLD)
     errors: int = 0  # all time
     bad: int = 0  # chunks that failed verification
     bytes: int = 0  # verified bytes received
@@ -212,6 +224,19 @@ class Membership:
         backoff = min(self.config.backoff_initial * 2 ** (h.failures - 1), self.config.backoff_max)
         h.skip_until = self.clock() + backoff
         log.info("peer %s failed (%s); skipping it for %.1f s", key, reason, backoff)
+
+    def origin_failed(self, key: str, reason: str) -> None:
+        """``key`` could not fetch a chunk from the origin ("503 origin"): for ``ORIGIN_HOLD`` it is
+        no chunk's candidate (:meth:`origin_held`).  Not a failure of the peer: it stays live,
+        and is still asked for copies it holds when the origin is down for this node too."""
+        h = self._health(key)
+        h.last_error = reason
+        h.origin_until = self.clock() + ORIGIN_HOLD
+        log.info("peer %s cannot reach the origin (%s); not asking it to fetch for %.0f s", key, reason, ORIGIN_HOLD)
+
+    def origin_held(self, key: str) -> bool:
+        h = self.health.get(key)
+        return h is not None and self.clock() < h.origin_until
 
     def sent_bad(self, key: str, reason: str) -> None:
         h = self._health(key)

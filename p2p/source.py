@@ -11,7 +11,10 @@ the one everyone else asks.
 
 When a candidate reports that the origin is failing (or this node's own origin
 requests are), the remaining live members are asked for cached copies only:
-with the origin down, the cluster still serves whatever any node holds.
+with the origin down, the cluster still serves whatever any node holds.  A
+candidate that answered so is no chunk's candidate for a short while
+(:meth:`p2p.membership.Membership.origin_failed`): its chunks go to their next
+candidate, and it is still asked for cached copies.
 
 Peers are untrusted: every answer goes through the fetcher's verifier (BLAKE3
 against the manifest) before it is returned; a peer that sends bad bytes, or an
@@ -147,16 +150,19 @@ class PeerSource:
     async def fetch(self, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier) -> bytes | None:
         trace.event("fetch", d=chunk.digest.hex()[:12], prio=int(priority))
         ranked = self.members.ranked(chunk.digest)
+        # Members whose origin just failed fetch nothing for us (each ask would be answered "503
+        # origin" again); the chunk's next candidates take their place, on every node alike.
+        eligible = [key for key in ranked if not self.members.origin_held(key)]
         asked: set[str] = set()
         origin_down = self._origin is not None and not self._origin.origin_available
         loop = asyncio.get_running_loop()
-        for i, key in enumerate(ranked[: self.config.candidates]):
+        for i, key in enumerate(eligible[: self.config.candidates]):
             if loop.time() >= deadline:
                 break
             if key == self.members.self_key:
                 # This node is the one to fetch it from the origin.  The next candidate was its
                 # home before this node joined (rendezvous order without us): it may hold it.
-                nxt = ranked[i + 1] if i + 1 < len(ranked) else None
+                nxt = eligible[i + 1] if i + 1 < len(eligible) else None
                 if nxt is not None and not origin_down:
                     answer = await self._ask(nxt, chunk, priority, deadline, verify, cached_only=True)
                     if isinstance(answer, bytes):
@@ -214,6 +220,8 @@ class PeerSource:
                     if resp.status == 404:
                         return _Answer.MISS
                     if resp.status == 503 and resp.headers.get(protocol.REASON) == "origin":
+                        if not cached_only:
+                            self.members.origin_failed(key, "HTTP 503: the origin failed there")
                         return _Answer.ORIGIN_DOWN
                     if resp.status == 401:
                         if self.members.state(key) == "ok":

@@ -396,6 +396,62 @@ async def test_a_peer_lying_about_the_length_is_marked_bad(
         await liar.close()
 
 
+async def origin_down_server(port: int) -> tuple[RawPeer, list[bool]]:
+    """A keep-alive peer that answers every request at once with "503 origin" (it says it cannot
+    reach the origin); returns it and, per request, whether the request was cached-only."""
+    peer = RawPeer()
+    asked: list[bool] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer.writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            for _ in range(10_000):  # requests on this connection; the test asks far fewer
+                head = await reader.readuntil(b"\r\n\r\n")
+                cached_only = b"x-lazyfs-cached-only: 1" in head.lower()
+                asked.append(cached_only)
+                if cached_only:
+                    writer.write(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    writer.write(b"HTTP/1.1 503 Service Unavailable\r\nX-Lazyfs-Reason: origin\r\n"
+                                 b"Content-Length: 0\r\n\r\n")
+                await writer.drain()
+
+    peer.server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return peer, asked
+
+
+async def test_a_peer_whose_origin_fails_is_not_asked_to_fetch_every_chunk(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    """A home that answers "503 origin" (its own origin fetch failed, or it says so) is, for a short
+    while (ORIGIN_HOLD), no chunk's candidate: its chunks go to their next candidate, as every
+    node sees the same answers.  Without that each of its chunks cost a round trip to it and, where
+    this node came next, a cached-only sweep of every other member, though this node's origin works."""
+    origin, m, files = published
+    liar_port, a_port, b_port = free_port(), free_port(), free_port()
+    liar, asked = await origin_down_server(liar_port)
+    try:
+        keys = [f"127.0.0.1:{p}" for p in (liar_port, a_port, b_port)]
+        a = await cluster.start(origin, keys[1], keys)
+        b = await cluster.start(origin, keys[2], keys)
+        distinct = {c.digest: i for i, c in enumerate(m.chunks)}
+        homed = [i for d, i in distinct.items() if rank(keys, d)[0] == keys[0]]
+        assert len(homed) > 5
+        for i in sorted(distinct.values()):  # one at a time: each answer is known before the next ask
+            await a.fetcher.get(i)
+        sent = a.tier.statistics().requests_sent
+        assert b.tier.server is not None
+        b_asked = b.tier.server.counters.requests_served + b.tier.server.counters.not_found
+        print(f"liar asked {len(asked)} ({sum(asked)} cached-only) for {len(homed)} chunks homed there; "
+              f"a sent {sent} requests for {len(distinct)} chunks; b answered {b_asked}")
+        assert len(asked) == 1 and asked == [False], asked
+        assert a.tier.members.state(keys[0]) == "ok", "not a failure: still asked for cached copies"
+        assert origin.statistics().bytes_read == stored_bytes(m)
+        assert await a.read_all(m) == files
+    finally:
+        await liar.close()
+
+
 async def test_the_token_is_required_and_the_server_serves_only_chunks(
     cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
 ) -> None:

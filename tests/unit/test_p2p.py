@@ -188,6 +188,20 @@ async def test_a_bad_peer_stays_held_when_it_leaves_and_rejoins(monkeypatch: pyt
     assert m.state("10.0.1.8:7070") == "bad" and m.state("10.0.1.9:7070") == "ok"
 
 
+async def test_a_peer_whose_origin_failed_is_held_from_fetching_for_a_short_while() -> None:
+    from p2p.membership import ORIGIN_HOLD
+
+    clock = Clock()
+    m = membership(clock, {}, peers=("10.0.0.1:1", "10.0.0.2:1"))
+    await m.refresh()
+    a = "10.0.0.1:1"
+    m.origin_failed(a, "HTTP 503")
+    assert m.origin_held(a) and not m.origin_held("10.0.0.2:1")
+    assert a in m.live() and m.state(a) == "ok", "still live: asked for copies it holds"
+    clock.now += ORIGIN_HOLD
+    assert not m.origin_held(a)
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     return build_parser().parse_args(["mount", "file:///o", "m:1", "/mnt", *argv])
 
