@@ -50,6 +50,14 @@ PACK_LEVEL = 1
 PACKED_BYTES = 64 * 1024 * 1024
 
 
+@dataclass(eq=False)
+class _SharedRead:
+    """One cache read of a chunk outside the manifest, held while any request for it is being answered."""
+
+    future: asyncio.Future[bytes | None]
+    users: int = 0
+
+
 class ChunkProvider(Protocol):
     """What the server needs from the fetcher (and, for foreign chunks, the store)."""
 
@@ -114,6 +122,9 @@ class PeerServer:
         self._packs: OrderedDict[int, bytes] = OrderedDict()  # index -> compressed (b"": not worth it)
         self._packs_bytes = 0
         self._packing: dict[int, asyncio.Future[bytes]] = {}
+        # Chunks of other manifests, read from the shared cache, by digest: the requests for one
+        # digest share one read and one buffer until the last of them is answered (see _join).
+        self._foreign: dict[bytes, _SharedRead] = {}
         self.counters = ServerCounters()
 
     async def start(self, provider: ChunkProvider, home: HomeFetches | None = None) -> None:
@@ -168,10 +179,45 @@ class PeerServer:
         if digest is None or timeout != timeout:  # NaN
             return web.Response(status=400, text="bad request\n")
         cached_only = request.headers.get(protocol.CACHED_ONLY) == "1"
+        deadline = asyncio.get_running_loop().time() + timeout
+        assert self._provider is not None
+        if self._provider.index_of(digest) is not None:
+            return await self._answer(request, digest, priority, deadline, cached_only)
+        self._join(digest)
+        try:
+            return await self._answer(request, digest, priority, deadline, cached_only)
+        finally:
+            self._leave(digest)
+
+    def _join(self, digest: bytes) -> None:
+        """Count a request for a chunk outside the manifest, starting its cache read if none is held.
+
+        Each request holds the chunk until its reply has been sent, which may wait for a send
+        slot until the asker's deadline (up to MAX_TIMEOUT): a read per request made a token
+        holder's concurrent requests for one cached chunk hold a chunk-sized copy each (200 of a
+        4 MiB chunk: 795 MiB), now one.  An unknown digest allocates nothing either way (an index
+        lookup; 14 KiB per request, all of it aiohttp's).
+        """
+        shared = self._foreign.get(digest)
+        if shared is None:
+            read = asyncio.ensure_future(asyncio.to_thread(self.store.read, digest))
+            shared = self._foreign[digest] = _SharedRead(read)
+        shared.users += 1
+
+    def _leave(self, digest: bytes) -> None:
+        shared = self._foreign[digest]
+        shared.users -= 1
+        if shared.users == 0:
+            del self._foreign[digest]  # the next request reads again: the chunk may have arrived or gone
+            shared.future.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody may be waiting
+
+    async def _answer(
+        self, request: web.Request, digest: bytes, priority: Priority, deadline: float, cached_only: bool
+    ) -> web.StreamResponse:
+        c = self.counters
         t0 = asyncio.get_running_loop().time()
         trace.event("req", d=digest.hex()[:12], prio=int(priority), cached=cached_only)
         try:
-            deadline = asyncio.get_running_loop().time() + timeout
             data = await self._lookup(digest, priority, deadline, cached_only)
             trace.event("have", d=digest.hex()[:12], found=data is not None,
                         dt=round(asyncio.get_running_loop().time() - t0, 4))
@@ -286,8 +332,9 @@ class PeerServer:
         assert provider is not None
         index = provider.index_of(digest)
         if index is None:
-            # Not in the mounted manifest: only what the shared cache already holds (verified).
-            return await asyncio.to_thread(self.store.read, digest)
+            # Not in the mounted manifest: only what the shared cache already holds (verified),
+            # read once for all the requests that hold it (see _join).
+            return await asyncio.shield(self._foreign[digest].future)
         if cached_only:
             return await provider.cached(index)
         if self._home is not None:
