@@ -63,6 +63,7 @@ __all__ = [
     "Priority",
     "Verifier",
     "decode_chunk",
+    "unpack_zstd",
 ]
 
 log = logging.getLogger(__name__)
@@ -167,13 +168,31 @@ def decode_chunk(chunk: Chunk, stored: bytes | memoryview) -> bytes:
             f"chunk {chunk.digest.hex()[:16]}: {len(stored)} stored bytes, expected {chunk.stored_size}"
         )
     if chunk.codec is Codec.ZSTD:
-        try:
-            raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=chunk.size)
-        except zstandard.ZstdError as exc:
-            raise IntegrityError(f"chunk {chunk.digest.hex()[:16]}: bad zstd data: {exc}") from exc
+        raw = unpack_zstd(chunk, stored, "")
     else:
         raw = stored if isinstance(stored, bytes) else bytes(stored)
     return verify_chunk(chunk, raw)
+
+
+def unpack_zstd(chunk: Chunk, packed: bytes | memoryview, source: str) -> bytes:
+    """Decompress one untrusted zstd frame of ``chunk`` (still to be verified); IntegrityError if bad.
+
+    zstandard honours ``max_output_size`` only for frames that do not declare their size, and
+    allocates whatever size a frame declares: a 17-byte frame can declare 2^50 bytes.  So a
+    declared size must be the chunk's own before anything is decompressed.  ``source`` names
+    where the frame came from in the message (" from a peer").
+    """
+    name = chunk.digest.hex()[:16]
+    try:
+        declared = zstandard.frame_content_size(packed)
+        if declared not in (-1, chunk.size):
+            raise IntegrityError(f"chunk {name}: a zstd frame{source} declares {declared} bytes, not {chunk.size}")
+        raw: bytes = zstandard.ZstdDecompressor().decompress(packed, max_output_size=chunk.size)
+    except (zstandard.ZstdError, MemoryError) as exc:
+        raise IntegrityError(f"chunk {name}: bad zstd data{source}: {exc}") from exc
+    if len(raw) != chunk.size:
+        raise IntegrityError(f"chunk {name}: {len(raw)} bytes decompressed{source}, not {chunk.size}")
+    return raw
 
 
 def verify_chunk(chunk: Chunk, raw: bytes) -> bytes:

@@ -33,11 +33,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 import aiohttp
-import zstandard
 
 from lazyfs.config import PeerConfig
 from lazyfs.errors import IntegrityError
-from lazyfs.fetch import Priority, Verifier
+from lazyfs.fetch import Priority, Verifier, unpack_zstd
 from lazyfs.manifest import Chunk
 from p2p import protocol, trace
 from p2p.membership import Membership
@@ -285,20 +284,5 @@ class PeerSource:
 
 
 def _unpack(chunk: Chunk, packed: bytes) -> bytes:
-    """A compressed answer's chunk bytes (still to be verified); IntegrityError for bad data.
-
-    The frame is untrusted: zstandard honours ``max_output_size`` only for frames that do not
-    declare their size, and allocates whatever size a frame declares.  So a declared size must
-    be the chunk's own before anything is decompressed (a 17-byte frame can declare 2^50 bytes).
-    """
-    name = chunk.digest.hex()[:16]
-    try:
-        declared = zstandard.frame_content_size(packed)
-        if declared not in (-1, chunk.size):
-            raise IntegrityError(f"chunk {name}: a peer's zstd frame declares {declared} bytes, not {chunk.size}")
-        raw = zstandard.ZstdDecompressor().decompress(packed, max_output_size=chunk.size)
-    except (zstandard.ZstdError, MemoryError) as exc:
-        raise IntegrityError(f"chunk {name}: bad zstd data from a peer: {exc}") from exc
-    if len(raw) != chunk.size:
-        raise IntegrityError(f"chunk {name}: {len(raw)} bytes decompressed, not {chunk.size}")
-    return raw
+    """A compressed answer's chunk bytes (still to be verified); IntegrityError for bad data."""
+    return unpack_zstd(chunk, packed, " from a peer")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -10,11 +11,12 @@ from pathlib import Path
 
 import blake3
 import pytest
+import zstandard
 
 from lazyfs.config import SeedConfig
 from lazyfs.errors import DeadlineError, IntegrityError
-from lazyfs.fetch import ChunkFetcher, FetchConfig, Priority
-from lazyfs.manifest import Chunk, Manifest, parse_ref
+from lazyfs.fetch import ChunkFetcher, FetchConfig, Priority, decode_chunk
+from lazyfs.manifest import Chunk, Codec, Manifest, parse_ref
 from lazyfs.seed import seed
 from lazyfs.store import ChunkStore
 from lazyfs.testing import FaultyOrigin, MemoryOrigin
@@ -284,3 +286,28 @@ async def test_stuck_cache_writes_neither_hang_the_loader_nor_starve_cache_reads
         _StuckPutStore.release.set()
         await f.aclose()
         store.close()
+
+
+def test_a_zstd_frame_declaring_a_huge_size_is_bad_data_not_an_allocation() -> None:
+    """An origin's (or a peer's) frame is untrusted: zstandard allocates whatever size a frame
+    declares, ignoring max_output_size.  A frame claiming 2^40 bytes must fail as bad data."""
+    raw = b"lazyfs " * 1000
+    chunk = Chunk(blake3.blake3(raw).digest(), len(raw), 0, 0, 0, Codec.ZSTD)
+    good = zstandard.ZstdCompressor().compress(raw)
+    assert decode_chunk(dataclasses.replace(chunk, stored_size=len(good)), good) == raw
+    forged = _declare(zstandard.ZstdCompressor().compress(bytes(1 << 17)), 1 << 40)
+    assert zstandard.frame_content_size(forged) == 1 << 40
+    with pytest.raises(IntegrityError, match="declares 1099511627776 bytes"):
+        decode_chunk(dataclasses.replace(chunk, stored_size=len(forged)), forged)
+
+
+def _declare(frame: bytes, size: int) -> bytes:
+    """``frame`` with its header's content size field rewritten to 8 bytes saying ``size``."""
+    descriptor = frame[4]
+    fcs_flag, single_segment, dict_flag = descriptor >> 6, (descriptor >> 5) & 1, descriptor & 3
+    fcs_len = {0: single_segment, 1: 2, 2: 4, 3: 8}[fcs_flag]
+    window = 0 if single_segment else 1
+    dict_len = {0: 0, 1: 1, 2: 2, 3: 4}[dict_flag]
+    start = 5 + window + dict_len
+    new_descriptor = (3 << 6) | (descriptor & 0x3F)
+    return frame[:4] + bytes([new_descriptor]) + frame[5:start] + size.to_bytes(8, "little") + frame[start + fcs_len :]
