@@ -261,6 +261,11 @@ class ChunkFetcher:
         self._seq = itertools.count()
         self._memory: OrderedDict[int, bytes] = OrderedDict()
         self._memory_bytes = 0
+        # Compressed chunks as the origin sent them, for a peer server that would otherwise
+        # compress them again (take_stored); none kept unless one asks (keep_stored).
+        self._stored: OrderedDict[bytes, bytes] = OrderedDict()  # digest -> frame
+        self._stored_bytes = 0
+        self._stored_budget = 0
         self._active_requests = 0
         self._inflight_bytes = 0
         self._wakeup = asyncio.Event()
@@ -341,6 +346,30 @@ class ChunkFetcher:
             log.warning("cache lookup of chunk %d failed: %s", index, exc)
             return None
         return None if path is None else str(path)
+
+    def keep_stored(self, budget: int) -> None:
+        """From now on keep up to ``budget`` bytes of compressed chunks as the origin sent them,
+        the most recent, for :meth:`take_stored` (a peer server sends chunks compressed)."""
+        self._stored_budget = budget
+
+    def take_stored(self, index: int) -> bytes | None:
+        """The zstd frame the origin sent for chunk ``index`` (verified: it decoded to the chunk),
+        if still kept; handed over once."""
+        data = self._stored.pop(self.manifest.chunks[index].digest, None)
+        if data is not None:
+            self._stored_bytes -= len(data)
+        return data
+
+    def _keep_stored_copy(self, digest: bytes, piece: bytes | memoryview) -> None:
+        data = piece if isinstance(piece, bytes) else bytes(piece)  # a view would keep the whole response
+        old = self._stored.pop(digest, None)
+        if old is not None:
+            self._stored_bytes -= len(old)
+        self._stored[digest] = data
+        self._stored_bytes += len(data)
+        while self._stored_bytes > self._stored_budget:
+            _, dropped = self._stored.popitem(last=False)
+            self._stored_bytes -= len(dropped)
 
     def prefetch_nowait(self, indices: Iterable[int], priority: Priority = Priority.READAHEAD) -> int:
         """Start fetching ``indices`` (those not in memory or in flight); returns how many started."""
@@ -654,6 +683,8 @@ class ChunkFetcher:
                 continue
             self._finish(f, raw)
             self._write_back(c, raw)
+            if self._stored_budget and c.codec is Codec.ZSTD:
+                self._keep_stored_copy(c.digest, piece)
 
     def _retry_later(self, flight: _Flight, exc: UnavailableError) -> None:
         """After a failed origin request: back off, then resolve ``flight`` again (sources first)."""

@@ -203,6 +203,9 @@ async def test_nodes_read_identical_bytes_and_the_origin_serves_each_chunk_once(
     sent = sum(n.tier.server.counters.bytes_sent for n in nodes if n.tier.server is not None)
     saved = sum(3 * (c.size - c.stored_size) for c in packed)
     assert sum(served) - sent == pytest.approx(saved, rel=0.2)
+    # A home sends on the frame the origin sent it, instead of compressing the chunk again.
+    reused = sum(n.tier.server.counters.frames_reused for n in nodes if n.tier.server is not None)
+    assert reused == len({c.digest for c in packed})
 
 
 async def forged_server(port: int, m: Manifest, packed: str = "") -> web.AppRunner:
