@@ -151,6 +151,8 @@ TOUCH_INTERVAL: Final = 2.0
 # process on the node for ever: past this, the operation fails as a cache error (a put is
 # not cached, an open says the cache is locked).  Access-time flushes never wait.
 LOCK_TIMEOUT = 30.0
+# A read that finds a bad entry waits this long at most to drop it (see _drop_if_torn).
+DROP_WAIT: Final = 0.1
 # Digests whose file this process has checked in full (so partial reads may skip the
 # check).  32 B each: 64 Ki digests (256 GiB of 4 MiB chunks) cost ~6 MB.
 VERIFIED_MAX: Final = 1 << 16
@@ -399,9 +401,13 @@ class ChunkStore:
                 msg = str(exc).replace("\n", " ")
                 raise CacheError(f"cache index {directory / 'index'} cannot be opened: {msg}") from exc
             raise
-        store._sweep_temps()
-        if capacity is not None:
-            store.evict()
+        try:
+            store._sweep_temps()
+            if capacity is not None:
+                store.evict()
+        except BaseException:
+            store.close()  # releases the index, the lock file and this process's claim on the directory
+            raise
         return store
 
     def _init_meta(self, capacity: int | None) -> int:
@@ -626,11 +632,14 @@ class ChunkStore:
     def _drop_if_torn(self, digest: bytes) -> bool:
         """Re-check ``digest`` under the namespace lock; drop the entry and file if torn.
 
-        Returns True if it was torn.  Under the lock no insert or eviction can
-        interleave, so "entry present and file bad" is a fact, not a race.
+        Returns True if it was torn (or could not be checked: either way the caller has
+        no usable copy).  Under the lock no insert or eviction can interleave, so "entry
+        present and file bad" is a fact, not a race.  A read found the bad entry and must
+        not wait for the lock: if it is held longer than :data:`DROP_WAIT`, the entry
+        stays for the next reader or writer to drop, and this read is a miss.
         """
         try:
-            with self._exclusive():
+            with self._exclusive(DROP_WAIT):
                 with self._env.begin(write=True) as txn:
                     raw = txn.get(digest, db=self._db_chunks)
                     if raw is None:
@@ -642,6 +651,9 @@ class ChunkStore:
                     self._delete_entry(txn, digest, entry)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._chunk_path(digest))
+        except _LockBusy as exc:
+            self._error("index", "cache: a bad entry stays for later: %s", exc)
+            return True
         except (lmdb.Error, OSError) as exc:
             self._error("index", "cache: could not drop a torn entry: %s", exc)
             return True
@@ -803,7 +815,7 @@ class ChunkStore:
                     _checkpoint("evict-committed")
                 finally:
                     self._release_victims(victims, unlink=committed)
-        except (lmdb.Error, OSError) as exc:
+        except (lmdb.Error, OSError, _LockBusy) as exc:
             self._error("evict", "cache: eviction failed: %s", exc)
             return 0
         return sum(v.entry.size for v in victims)

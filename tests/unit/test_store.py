@@ -340,6 +340,70 @@ def test_a_stuck_lock_holder_costs_a_bounded_wait_and_reads_never_wait(
     assert store.put(new, new_data) is True and store.read(new) == new_data
 
 
+
+def _hold_lock(directory: Path) -> int:
+    """store.lock taken through another open file description: it conflicts like another process."""
+    fd = os.open(directory / "store.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def test_a_read_that_finds_a_bad_entry_does_not_wait_for_a_stuck_lock(
+    store: ChunkStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that finds an entry whose file is gone (evicted by another process, or lost) drops it
+    under the lock.  With the lock stuck it must not wait LOCK_TIMEOUT (as long as a read's deadline)
+    nor raise: it is a miss, and the entry is dropped by a later read once the lock is free."""
+    monkeypatch.setattr("lazyfs.store.cache.LOCK_TIMEOUT", 5.0)
+    digest, data = make_chunk(30, 5000)
+    assert store.put(digest, data)
+    os.unlink(store._chunk_path(digest))
+    holder = _hold_lock(store.directory)
+    try:
+        t = time.monotonic()
+        assert store.read(digest) is None
+        assert time.monotonic() - t < 1.0
+        assert store.statistics().torn == 0
+        assert any("stays for later" in w for w in warnings_in(caplog))
+    finally:
+        os.close(holder)
+    assert store.read(digest) is None
+    assert store.statistics().torn == 1 and not store.contains(digest)
+    assert any("dropped torn chunk" in w for w in warnings_in(caplog))
+
+
+def test_evict_under_a_stuck_lock_warns_and_frees_nothing(
+    store: ChunkStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("lazyfs.store.cache.LOCK_TIMEOUT", 0.2)
+    digest, data = make_chunk(31, 5000)
+    assert store.put(digest, data)
+    holder = _hold_lock(store.directory)
+    try:
+        assert store.evict(0) == 0
+        assert any("eviction failed" in w for w in warnings_in(caplog))
+    finally:
+        os.close(holder)
+    assert store.contains(digest) and store.evict(0) == 5000
+
+
+def test_an_open_that_fails_late_releases_the_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure after the index is open (the temp sweep, the first eviction) closes what the open
+    took: the index, store.lock and this process's claim, so a retry can open the cache."""
+    ChunkStore.open(tmp_path, 1 << 20).close()
+
+    def broken_sweep(self: ChunkStore, *args: object, **kwargs: object) -> int:
+        raise CacheError("the sweep broke")
+
+    with monkeypatch.context() as m:
+        m.setattr(ChunkStore, "_sweep_temps", broken_sweep)
+        with pytest.raises(CacheError, match="the sweep broke"):
+            ChunkStore.open(tmp_path, 1 << 20)
+    with ChunkStore.open(tmp_path, 1 << 20) as s:
+        digest, data = make_chunk(32)
+        assert s.put(digest, data) and s.read(digest) == data
+
+
 def test_capacity_respected(tmp_path: Path) -> None:
     rng = random.Random(7)
     capacity = 50_000
