@@ -64,6 +64,7 @@ __all__ = [
     "Verifier",
     "decode_chunk",
     "unpack_zstd",
+    "zstd_frame_end",
 ]
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,36 @@ def unpack_zstd(chunk: Chunk, packed: bytes | memoryview, source: str) -> bytes:
         raise IntegrityError(f"chunk {name}: bad zstd data{source}: {exc}") from exc
     if len(raw) != chunk.size:
         raise IntegrityError(f"chunk {name}: {len(raw)} bytes decompressed{source}, not {chunk.size}")
+    # zstandard stops at the end of the first frame and ignores what follows.  The stored bytes
+    # are kept and sent on to peers as the chunk's frame (Fetcher.keep_stored): nothing in them
+    # may be left unchecked by the decoding and the digest.
+    end = zstd_frame_end(packed)
+    if end != len(packed):
+        raise IntegrityError(f"chunk {name}: {len(packed) - end} bytes after its zstd frame{source}")
     return raw
+
+
+def zstd_frame_end(data: bytes | memoryview) -> int:
+    """Where the zstd frame at the start of ``data`` ends (its blocks walked, RFC 8878 3.1.1).
+
+    For a frame the decoder has just accepted; anything malformed gives ``-1``.
+    """
+    view = memoryview(data)
+    try:
+        pos = zstandard.frame_header_size(data)
+        has_checksum = bool(view[4] & 0x04)  # Frame_Header_Descriptor, Content_Checksum_flag
+    except (zstandard.ZstdError, IndexError):
+        return -1
+    while pos + 3 <= len(view):
+        header = int.from_bytes(view[pos : pos + 3], "little")
+        kind, size = (header >> 1) & 3, header >> 3
+        if kind == 3:
+            return -1  # reserved block type
+        pos += 3 + (1 if kind == 1 else size)  # an RLE block stores its one byte
+        if header & 1:  # Last_Block
+            end = pos + (4 if has_checksum else 0)
+            return end if end <= len(view) else -1
+    return -1
 
 
 def verify_chunk(chunk: Chunk, raw: bytes) -> bytes:

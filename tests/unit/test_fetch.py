@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import random
 import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import zstandard
 
 from lazyfs.config import SeedConfig
 from lazyfs.errors import DeadlineError, IntegrityError
-from lazyfs.fetch import ChunkFetcher, FetchConfig, Priority, decode_chunk
+from lazyfs.fetch import ChunkFetcher, FetchConfig, Priority, decode_chunk, unpack_zstd, zstd_frame_end
 from lazyfs.manifest import Chunk, Codec, Manifest, parse_ref
 from lazyfs.seed import seed
 from lazyfs.store import ChunkStore
@@ -299,6 +300,40 @@ def test_a_zstd_frame_declaring_a_huge_size_is_bad_data_not_an_allocation() -> N
     assert zstandard.frame_content_size(forged) == 1 << 40
     with pytest.raises(IntegrityError, match="declares 1099511627776 bytes"):
         decode_chunk(dataclasses.replace(chunk, stored_size=len(forged)), forged)
+
+
+
+@pytest.mark.parametrize("checksum", [False, True])
+def test_bytes_after_the_zstd_frame_are_bad_data(checksum: bool) -> None:
+    """The stored bytes are kept and served to peers as the chunk's frame: zstandard decodes the
+    first frame and ignores the rest, so a shorter valid frame padded with junk to the manifest's
+    stored size would pass the digest and be sent on unchecked."""
+    raw = b"lazyfs frames " * 5000
+    chunk = Chunk(blake3.blake3(raw).digest(), len(raw), 0, 0, 0, Codec.ZSTD)
+    frame = zstandard.ZstdCompressor(level=19, write_checksum=checksum).compress(raw)
+    assert zstd_frame_end(frame) == len(frame)
+    assert decode_chunk(dataclasses.replace(chunk, stored_size=len(frame)), frame) == raw
+    padded = frame + b"\xde\xad" * 100
+    assert zstandard.ZstdDecompressor().decompress(padded) == raw  # what zstandard alone accepts
+    with pytest.raises(IntegrityError, match="200 bytes after its zstd frame"):
+        decode_chunk(dataclasses.replace(chunk, stored_size=len(padded)), padded)
+    with pytest.raises(IntegrityError, match="after its zstd frame from a peer"):
+        unpack_zstd(chunk, padded, " from a peer")
+
+
+def test_zstd_frame_end_walks_every_kind_of_block() -> None:
+    """Raw, RLE and compressed blocks, one or many, with and without a declared size."""
+    rng = random.Random(5)
+    samples = [b"", b"x", bytes(300_000), rng.randbytes(200_000), b"ab" * 150_000 + rng.randbytes(70_000)]
+    for data in samples:
+        for level in (-3, 1, 19):
+            for checksum in (False, True):
+                cctx = zstandard.ZstdCompressor(level=level, write_checksum=checksum, write_content_size=level != 1)
+                frame = cctx.compress(data)
+                assert zstd_frame_end(frame) == len(frame)
+                assert zstd_frame_end(frame + b"more") == len(frame)
+                assert zstd_frame_end(frame[:-1]) == -1  # cut short
+    assert zstd_frame_end(b"not zstd at all") == -1
 
 
 def _declare(frame: bytes, size: int) -> bytes:
