@@ -367,12 +367,16 @@ class CacheReader:
             else:
                 self._fds.move_to_end(cache_path)
             self._users[fd] = self._users.get(fd, 0) + 1
-            if len(self._fds) > self.max_open:
-                for path, old in list(self._fds.items())[: len(self._fds) - self.max_open]:
-                    if old not in self._users:
-                        del self._fds[path]
-                        self._close_locked(old)
+            self._trim_locked()
             return fd
+
+    def _trim_locked(self) -> None:
+        """Close the least recently used descriptors over ``max_open`` that no thread reads."""
+        if len(self._fds) > self.max_open:
+            for path, old in list(self._fds.items())[: len(self._fds) - self.max_open]:
+                if old not in self._users:
+                    del self._fds[path]
+                    self._close_locked(old)
 
     def _release(self, fd: int) -> None:
         with self._fd_lock:
@@ -383,6 +387,9 @@ class CacheReader:
             del self._users[fd]
             if fd in self._doomed:
                 self._close_locked(fd)
+            else:
+                # Threads reading at once may hold more than max_open; the last one out trims.
+                self._trim_locked()
 
     def _retire(self, cache_path: str, fd: int) -> None:
         """Open ``cache_path`` afresh next time; ``fd`` is closed once no thread reads it."""

@@ -828,6 +828,26 @@ def test_the_cache_reader_keeps_a_bounded_number_of_files_open(tmp_path: Path) -
     assert _open_in(cache.dir) == 0
 
 
+
+def test_descriptors_held_over_the_cap_by_concurrent_reads_are_closed_by_the_last_one_out(tmp_path: Path) -> None:
+    """Reads in progress may hold more than max_open descriptors (none is closed under a read);
+    once they are done the reader is back within max_open."""
+    cache = _FakeCache(tmp_path, os.urandom(6 * 64 * 1024), 64 * 1024)
+    r = cache.reader()
+    r.max_open = 3
+    try:
+        fds = [r._acquire(str(f), checked=True) for f in cache.files[:5]]  # five reads at once
+        assert None not in fds and _open_in(cache.dir) == 5
+        for fd in fds:
+            assert fd is not None
+            r._release(fd)
+        assert _open_in(cache.dir) == 3 and len(r._fds) == 3
+        assert list(r._fds) == [str(f) for f in cache.files[2:5]]  # the most recently used stay
+    finally:
+        r.close()
+    assert _open_in(cache.dir) == 0
+
+
 @pytest.mark.allow_warnings  # the reader warns about the torn file
 @pytest.mark.parametrize("chunk_size", [64 * 1024, 5 * MiB])  # one preadv per check; pieces through the scratch
 def test_the_cache_reader_reads_a_torn_chunk_through_the_mount(tmp_path: Path, chunk_size: int) -> None:
