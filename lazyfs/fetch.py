@@ -197,6 +197,8 @@ def unpack_zstd(chunk: Chunk, packed: bytes | memoryview, source: str) -> bytes:
     # are kept and sent on to peers as the chunk's frame (Fetcher.keep_stored): nothing in them
     # may be left unchecked by the decoding and the digest.
     end = zstd_frame_end(packed)
+    if end < 0:
+        raise IntegrityError(f"chunk {name}: malformed zstd frame{source}")
     if end != len(packed):
         raise IntegrityError(f"chunk {name}: {len(packed) - end} bytes after its zstd frame{source}")
     return raw
