@@ -253,7 +253,7 @@ class LazyFilesystem:
     def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
 
-    async def read(self, fh: int, offset: int, length: int) -> bytes:
+    async def read(self, fh: int, offset: int, length: int) -> bytes | memoryview:
         h = self._handles.get(fh)
         if h is None:
             raise FilesystemError(errno.EBADF)
@@ -267,13 +267,15 @@ class LazyFilesystem:
         h.readahead.on_read(offset, end - offset)
         return await self.read_range(e, offset, end, Priority.DEMAND)
 
-    async def read_range(self, e: Entry, offset: int, end: int, priority: Priority) -> bytes:
+    async def read_range(self, e: Entry, offset: int, end: int, priority: Priority) -> bytes | memoryview:
+        """The bytes ``[offset, end)`` of ``e``: within one chunk a view of the chunk (no copy: the
+        kernel's 1 MiB reads would otherwise each copy a slice into fresh memory), else one joined copy."""
         cs = self.manifest.chunk_size
         first, last = offset // cs, (end - 1) // cs
         idx = e.chunks[first : last + 1]
         if len(idx) == 1:
             data = await self._get(idx[0], priority)
-            return data[offset - first * cs : end - first * cs]
+            return memoryview(data)[offset - first * cs : end - first * cs]
         parts = [memoryview(p) for p in await asyncio.gather(*(self._get(i, priority) for i in idx))]
         # Trim the first and last chunk before joining: one copy of exactly the bytes asked for.
         parts[-1] = parts[-1][: end - (first + len(idx) - 1) * cs]

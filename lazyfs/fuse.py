@@ -195,7 +195,8 @@ class FuseAdapter(pyfuse3.Operations):
             raise self._fail(exc, "open") from None
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    # pyfuse3's stub says bytes; its handler replies from any contiguous buffer (PyObject_GetBuffer).
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         try:
             return await self.fs.read(fh, off, size)
         except Exception as exc:

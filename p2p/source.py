@@ -38,6 +38,7 @@ from lazyfs.config import PeerConfig
 from lazyfs.errors import IntegrityError
 from lazyfs.fetch import Priority, Verifier, unpack_zstd
 from lazyfs.manifest import Chunk
+from lazyfs.origin.http import read_body
 from p2p import protocol, trace
 from p2p.membership import Membership
 from p2p.schedule import HomeFetches
@@ -246,15 +247,14 @@ class PeerSource:
                         if resp.content_length is not None and resp.content_length != chunk.size:
                             announced = resp.content_length
                             return self._bad(key, f"{announced} bytes announced for a {chunk.size}-byte chunk")
-                    try:
-                        body = await resp.content.readexactly(length)
-                    except asyncio.IncompleteReadError as exc:
+                    body, got = await read_body(resp.content, length)
+                    if got < length:
                         # The body ended where its framing (Content-Length, chunked encoding) said it
                         # would, short of the chunk: a lie.  A connection cut before the announced end
                         # is not one (a peer that crashed or was killed mid-reply): aiohttp raises
                         # ClientPayloadError for that, a transport failure handled below.
-                        return self._bad(key, f"body ended after {len(exc.partial)} of {length} bytes")
-                    if await resp.content.read(1):
+                        return self._bad(key, f"body ended after {got} of {length} bytes")
+                    if got > length:
                         return self._bad(key, f"more than {length} bytes for the chunk")
         except TimeoutError:
             return self._failed(key, f"no answer within {budget:.1f} s")

@@ -399,6 +399,66 @@ async def test_a_peer_lying_about_the_length_is_marked_bad(
         await liar.close()
 
 
+def chunk_bytes(m: Manifest, files: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """Every chunk's bytes by digest, cut from the published files."""
+    out = {}
+    for e in m.entries:
+        if e.type is EntryType.REG:
+            for k, i in enumerate(e.chunks):
+                out[m.chunks[i].digest] = files[e.path][k * CHUNK : (k + 1) * CHUNK]
+    return out
+
+
+async def chunked_server(port: int, m: Manifest, files: dict[bytes, bytes]) -> RawPeer:
+    """An honest keep-alive peer that sends each chunk as a chunked body of many HTTP chunks of
+    odd sizes, each written and drained on its own, so the client sees many pieces and chunk ends."""
+    peer = RawPeer()
+    data = {d.hex().encode(): b for d, b in chunk_bytes(m, files).items()}
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer.writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            for _ in range(10_000):  # requests on this connection; the test asks far fewer
+                head = await reader.readuntil(b"\r\n\r\n")
+                body = data[head.split(b" ", 2)[1].rsplit(b"/", 1)[-1]]
+                writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                pos, step = 0, 1
+                while pos < len(body):
+                    piece = body[pos : pos + step]
+                    writer.write(b"%x\r\n" % len(piece) + piece + b"\r\n")
+                    await writer.drain()
+                    pos, step = pos + len(piece), step * 7 + 3
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+
+    peer.server = await asyncio.start_server(handle, "127.0.0.1", port)
+    return peer
+
+
+async def test_a_chunked_answer_in_many_pieces_is_taken_whole(
+    cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
+) -> None:
+    """The client joins a body from the buffers it received (lazyfs.origin.http.read_body): an
+    answer split into many HTTP chunks, with empty chunk ends between the pieces, is one chunk."""
+    origin, m, files = published
+    peer_port, a_port = free_port(), free_port()
+    peer = await chunked_server(peer_port, m, files)
+    try:
+        peer_key, a_key = f"127.0.0.1:{peer_port}", f"127.0.0.1:{a_port}"
+        a = await cluster.start(origin, a_key, [peer_key, a_key])
+        assert await a.read_all(m) == files
+        st = a.tier.statistics()
+        assert a.tier.members.state(peer_key) == "ok"
+        assert st.bad_chunks == 0 and st.errors == 0
+        # Every chunk came from the peer: it is the home of some, and a node about to fetch its
+        # own home chunks from the origin first asks the next candidate (the peer) for a copy.
+        assert st.per_peer_bytes[peer_key] == sum(len(b) for b in chunk_bytes(m, files).values())
+        assert origin.statistics().bytes_read == 0
+        assert cached_chunks_are_genuine(a, m) == len({c.digest for c in m.chunks})
+    finally:
+        await peer.close()
+
+
 async def origin_down_server(port: int) -> tuple[RawPeer, list[bool]]:
     """A keep-alive peer that answers every request at once with "503 origin" (it says it cannot
     reach the origin); returns it and, per request, whether the request was cached-only."""
