@@ -444,7 +444,9 @@ class Bench:
             lines.append(
                 f"  {n.name}: {n.bytes / MiB:,.0f} MiB in {n.seconds:.2f} s ({n.bytes / n.seconds / 1e6:,.0f} MB/s); "
                 f"from origin {f['bytes_from_origin'] / MiB:,.0f} MiB in {f['origin_requests']} requests "
-                f"({f['origin_errors']} errors), from peers {f['bytes_from_peers'] / MiB:,.0f} MiB; "
+                f"({f['origin_errors']} errors), from peers {f['bytes_from_peers'] / MiB:,.0f} MiB, "
+                f"from the disk cache {f.get('bytes_from_cache', 0) / MiB:,.0f} MiB "
+                f"({f.get('cache_hits', 0)} reads); "
                 f"deadline failures {f['deadline_failures']}, verify failures {f['verify_failures']}, "
                 f"peer errors {f.get('peer_errors', 0)}; "
                 f"daemon {n.daemon_cpu:.1f} CPU-s, reader {n.reader_cpu:.1f} CPU-s{link}{peer}"

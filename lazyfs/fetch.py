@@ -471,6 +471,18 @@ class ChunkFetcher:
             self._c.bytes_from_memory += len(data)
         return data
 
+    def consumed(self, index: int) -> None:
+        """A reader has read chunk ``index`` to its end: keep it in memory only while nothing else
+        needs the room (it goes to the cold end of the LRU; a later use warms it again).
+
+        The kernel's page cache now holds those bytes.  Plain LRU had it backwards for a
+        sequential reader: each 1 MiB read refreshed the chunk just finished, and the chunks
+        read ahead of it, older, were evicted first.  On a node that also serves peers, which
+        fills memory with chunks for others, a quarter of a 1 GiB read came back from the disk.
+        """
+        if index in self._memory:
+            self._memory.move_to_end(index, last=False)
+
     def _memory_put(self, index: int, data: bytes) -> None:
         if index in self._memory or len(data) > self.config.memory_bytes:
             return

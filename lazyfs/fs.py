@@ -261,11 +261,16 @@ class LazyFilesystem:
         if offset >= e.size or length <= 0:
             return b""
         end = min(offset + length, e.size)
+        cs = self.manifest.chunk_size
         if self.on_read is not None:
-            cs = self.manifest.chunk_size
             self.on_read(e.chunks[offset // cs : (end - 1) // cs + 1])
         h.readahead.on_read(offset, end - offset)
-        return await self.read_range(e, offset, end, Priority.DEMAND)
+        data = await self.read_range(e, offset, end, Priority.DEMAND)
+        # Chunks whose last byte this read returned: every one it touched but a last one it
+        # ends inside.
+        for k in range(offset // cs, (end - 1) // cs + (end % cs == 0 or end == e.size)):
+            self.fetcher.consumed(e.chunks[k])
+        return data
 
     async def read_range(self, e: Entry, offset: int, end: int, priority: Priority) -> bytes | memoryview:
         """The bytes ``[offset, end)`` of ``e``: within one chunk a view of the chunk (no copy: the

@@ -12,9 +12,10 @@ import pytest
 
 from lazyfs.config import SeedConfig
 from lazyfs.errors import FilesystemError
-from lazyfs.fetch import ChunkFetcher
+from lazyfs.fetch import ChunkFetcher, FetchConfig
 from lazyfs.fs import ROOT_INODE, Attr, LazyFilesystem
 from lazyfs.manifest import parse_ref
+from lazyfs.prefetch import ReadAheadConfig
 from lazyfs.seed import seed
 from lazyfs.testing import MemoryOrigin
 
@@ -96,6 +97,33 @@ async def test_reads_across_chunk_boundaries(lfs: LazyFilesystem, tree: Path) ->
     lfs.release(fh)
     fh = lfs.open(lookup_path(lfs, "empty"), os.O_RDONLY)
     assert await lfs.read(fh, 0, 10) == b""
+
+
+async def test_a_chunk_read_to_its_end_is_evicted_before_the_chunks_read_ahead(tree: Path) -> None:
+    """Room for three chunks: chunk 0 is being read, 1 and 2 were fetched ahead.  Reading chunk 0
+    to its end makes it the first to go, so fetching chunk 3 keeps 1 and 2.  (Plain LRU, where
+    each read refreshed chunk 0, evicted chunk 1 and fetched it again from the origin.)"""
+    origin = MemoryOrigin()
+    m = (await seed(tree, origin, parse_ref("t:1"), SeedConfig(chunk_size=CHUNK, pack_size=2 * CHUNK))).manifest
+    fetcher = ChunkFetcher(m, origin, None, FetchConfig(memory_bytes=3 * CHUNK, coalesce_bytes=CHUNK))
+    fs = LazyFilesystem(m, fetcher, ReadAheadConfig(initial_window=0, max_window=0))
+    try:
+        data = (tree / "big").read_bytes()
+        ino = lookup_path(fs, "big")
+        chunks = next(e for e in m.entries if e.path == b"big").chunks
+        fh = fs.open(ino, os.O_RDONLY)
+        assert await fs.read(fh, 0, CHUNK // 2) == data[: CHUNK // 2]
+        for i in (1, 2):
+            await fetcher.get(chunks[i])
+        assert await fs.read(fh, CHUNK // 2, CHUNK // 2) == data[CHUNK // 2 : CHUNK]  # chunk 0 read to its end
+        await fetcher.get(chunks[3])  # no room: one chunk must go
+        before = fetcher.statistics().origin_requests
+        assert await fs.read(fh, CHUNK, 2 * CHUNK) == data[CHUNK : 3 * CHUNK]
+        assert fetcher.statistics().origin_requests == before, "chunks 1 and 2 were still in memory"
+        assert await fs.read(fh, 0, 10) == data[:10]
+        assert fetcher.statistics().origin_requests == before + 1, "chunk 0 was the one evicted"
+    finally:
+        await fetcher.aclose()
 
 
 async def test_warm_fetches_everything_once(lfs: LazyFilesystem, tree: Path) -> None:
