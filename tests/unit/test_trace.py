@@ -226,7 +226,7 @@ def chunks_of(s: Setup, name: str) -> tuple[int, ...]:
 async def read_file(s: Setup, name: str) -> bytes:
     fh = s.fs.open(s.fs.ino_of(name.encode()), os.O_RDONLY)
     try:
-        return await s.fs.read(fh, 0, 1 << 30)
+        return bytes(await s.fs.read(fh, 0, 1 << 30))
     finally:
         s.fs.release(fh)
 
