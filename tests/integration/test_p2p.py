@@ -268,6 +268,26 @@ async def test_a_peer_forging_bytes_is_never_believed_and_is_marked_bad(
         await evil.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def read_beside(
+    cluster: Cluster,
+    published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]],
+    make_peer: Callable[[int], Awaitable[RawPeer]],
+) -> AsyncIterator[tuple[Node, str]]:
+    """A test-made peer (``make_peer(port)``) and a node whose one other member it is; the node has
+    read every file (equal to the originals) when the body runs, and the peer is closed after."""
+    origin, m, files = published
+    port = free_port()
+    peer = await make_peer(port)
+    try:
+        peer_key, key = f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}"
+        node = await cluster.start(origin, key, [peer_key, key])
+        assert await node.read_all(m) == files
+        yield node, peer_key
+    finally:
+        await peer.close()
+
+
 @dataclass
 class RawPeer:
     """A misbehaving peer on a plain asyncio server; ``close`` also ends the connections it holds."""
@@ -383,20 +403,13 @@ async def test_a_peer_lying_about_the_length_is_marked_bad(
 ) -> None:
     """A complete answer of the wrong length breaks the protocol as bad bytes do: the peer is held
     as bad (bad_hold), not merely backed off like a peer whose connection was cut (see above)."""
-    origin, m, files = published
-    liar_port, a_port = free_port(), free_port()
-    liar = await length_liar_server(liar_port, m, lie)
-    try:
-        liar_key, a_key = f"127.0.0.1:{liar_port}", f"127.0.0.1:{a_port}"
-        a = await cluster.start(origin, a_key, [liar_key, a_key])
-        assert await a.read_all(m) == files
+    m = published[1]
+    async with read_beside(cluster, published, lambda port: length_liar_server(port, m, lie)) as (a, liar_key):
         st = a.tier.statistics()
         assert a.tier.members.state(liar_key) == "bad"
         assert st.per_peer_bad[liar_key] >= 1 and st.bad_chunks == st.per_peer_bad[liar_key]
         assert a.fetcher.statistics().verify_failures == 0, "refused before anything was verified"
         assert cached_chunks_are_genuine(a, m) == len({c.digest for c in m.chunks})
-    finally:
-        await liar.close()
 
 
 def chunk_bytes(m: Manifest, files: dict[bytes, bytes]) -> dict[bytes, bytes]:
@@ -439,14 +452,9 @@ async def test_a_chunked_answer_in_many_pieces_is_taken_whole(
     cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
 ) -> None:
     """The client joins a body from the buffers it received (lazyfs.origin.http.read_body): an
-    answer split into many HTTP chunks, with empty chunk ends between the pieces, is one chunk."""
+    answer split into many HTTP chunks of odd sizes, arriving in many pieces, is one chunk."""
     origin, m, files = published
-    peer_port, a_port = free_port(), free_port()
-    peer = await chunked_server(peer_port, m, files)
-    try:
-        peer_key, a_key = f"127.0.0.1:{peer_port}", f"127.0.0.1:{a_port}"
-        a = await cluster.start(origin, a_key, [peer_key, a_key])
-        assert await a.read_all(m) == files
+    async with read_beside(cluster, published, lambda port: chunked_server(port, m, files)) as (a, peer_key):
         st = a.tier.statistics()
         assert a.tier.members.state(peer_key) == "ok"
         assert st.bad_chunks == 0 and st.errors == 0
@@ -455,8 +463,6 @@ async def test_a_chunked_answer_in_many_pieces_is_taken_whole(
         assert st.per_peer_bytes[peer_key] == sum(len(b) for b in chunk_bytes(m, files).values())
         assert origin.statistics().bytes_read == 0
         assert cached_chunks_are_genuine(a, m) == len({c.digest for c in m.chunks})
-    finally:
-        await peer.close()
 
 
 async def origin_down_server(port: int) -> tuple[RawPeer, list[bool]]:
