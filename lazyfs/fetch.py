@@ -478,7 +478,7 @@ class ChunkFetcher:
         The kernel's page cache now holds those bytes.  Plain LRU had it backwards for a
         sequential reader: each 1 MiB read refreshed the chunk just finished, and the chunks
         read ahead of it, older, were evicted first.  On a node that also serves peers, which
-        fills memory with chunks for others, a quarter of a 1 GiB read came back from the disk.
+        fills memory with chunks for others, up to a quarter of a 1 GiB read came back from the disk.
         """
         if index in self._memory:
             self._memory.move_to_end(index, last=False)

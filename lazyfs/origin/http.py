@@ -53,7 +53,7 @@ from lazyfs.errors import (
 from lazyfs.origin._common import check_prefix, check_range
 from lazyfs.origin.base import check_key
 
-__all__ = ["HTTPOrigin", "pieces", "read_body"]
+__all__ = ["HTTPOrigin", "read_body"]
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
@@ -259,7 +259,7 @@ class HTTPOrigin:
         parts: list[memoryview] = []
         got = 0
         skip = start
-        async for chunk in pieces(resp.content):
+        async for chunk in _pieces(resp.content):
             if skip >= len(chunk):
                 skip -= len(chunk)
                 continue
@@ -276,7 +276,7 @@ class HTTPOrigin:
         return b"".join(parts)
 
 
-async def pieces(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+async def _pieces(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """A body's bytes as aiohttp received them, one buffer at a time, without joining them."""
     while True:
         piece, chunk_end = await content.readchunk()
@@ -289,20 +289,17 @@ async def pieces(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
 async def read_body(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, int]:
     """A body of at most ``limit`` bytes, and how many bytes it had (``limit + 1`` or more: too long).
 
-    The body is copied once, joined from the buffers aiohttp received.  Its own readers copy
-    twice: ``readany``/``readexactly`` join the buffers at hand on each wake-up, then join those
-    pieces again.  On a node that fetches at link rate that second copy, into fresh memory, is a
-    tenth of the daemon's CPU.  Stops reading once past ``limit`` (a hostile body can be endless).
+    The body is copied once, joined from the buffers aiohttp received; its own readers
+    (``readany``, ``readexactly``) join the buffers at hand on each wake-up and then join
+    those pieces again.  Stops reading once past ``limit`` (a hostile body can be endless).
     """
     parts: list[bytes] = []
     got = 0
-    async for piece in pieces(content):
+    async for piece in _pieces(content):
         parts.append(piece)
         got += len(piece)
         if got > limit:
-            break
-    if got > limit:
-        return b"", got
+            return b"", got
     return (parts[0] if len(parts) == 1 else b"".join(parts)), got
 
 
