@@ -58,6 +58,7 @@ __all__ = [
     "ChunkCache",
     "ChunkFetcher",
     "ChunkSource",
+    "Data",
     "FetchConfig",
     "FetchStatistics",
     "Priority",
@@ -77,18 +78,23 @@ class Priority(enum.IntEnum):
     BACKGROUND = 2  # warming (prefetch command, startup traces)
 
 
+# A chunk's bytes: ``bytes``, or the ``bytearray`` a peer's answer was received into (p2p.client
+# reads bodies straight into their final buffer; nothing writes to it once it is returned).
+Data = bytes | bytearray
+
+
 class ChunkCache(Protocol):
     """What the fetcher needs from the local cache (blocking; called in a thread)."""
 
     def read(self, digest: bytes, offset: int = 0, length: int | None = None) -> bytes | None: ...
 
-    def put(self, digest: bytes, data: bytes) -> bool: ...
+    def put(self, digest: bytes, data: Data) -> bool: ...
 
     def path_of(self, digest: bytes) -> Path | None: ...
 
 
 # Checks candidate bytes for a chunk off the event loop: returns them, or raises IntegrityError.
-Verifier = Callable[[Chunk, bytes], Awaitable[bytes]]
+Verifier = Callable[[Chunk, Data], Awaitable[Data]]
 
 
 class ChunkSource(Protocol):
@@ -104,7 +110,7 @@ class ChunkSource(Protocol):
 
     name: str
 
-    async def fetch(self, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier) -> bytes | None: ...
+    async def fetch(self, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier) -> Data | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +178,8 @@ def decode_chunk(chunk: Chunk, stored: bytes | memoryview) -> bytes:
         raw = unpack_zstd(chunk, stored, "")
     else:
         raw = stored if isinstance(stored, bytes) else bytes(stored)
-    return verify_chunk(chunk, raw)
+    check_chunk(chunk, raw)
+    return raw
 
 
 def unpack_zstd(chunk: Chunk, packed: bytes | memoryview, source: str) -> bytes:
@@ -227,16 +234,16 @@ def zstd_frame_end(data: bytes | memoryview) -> int:
     return -1
 
 
-def verify_chunk(chunk: Chunk, raw: bytes) -> bytes:
+def check_chunk(chunk: Chunk, raw: Data) -> None:
+    """IntegrityError unless ``raw`` is exactly the chunk (its size and BLAKE3 digest)."""
     if len(raw) != chunk.size or blake3.blake3(raw, max_threads=1).digest() != chunk.digest:
         raise IntegrityError(f"chunk {chunk.digest.hex()[:16]}: content does not match its digest")
-    return raw
 
 
 @dataclass(eq=False)
 class _Flight:
     index: int
-    future: asyncio.Future[bytes]
+    future: asyncio.Future[Data]
     priority: Priority
     seq: int
     attempts: int = 0
@@ -246,7 +253,7 @@ class _Flight:
     # a chunk asked for by a peer is fetched from the cache or the origin, never
     # forwarded to another peer, so two nodes can never wait on each other.
     use_sources: bool = True
-    source_task: asyncio.Task[bytes | None] | None = None
+    source_task: asyncio.Task[Data | None] | None = None
     # Failed origin requests for this chunk (with sources, each failure goes back
     # through the sources: another node may hold the chunk while the origin is down).
     origin_failures: int = 0
@@ -291,7 +298,7 @@ class ChunkFetcher:
         self._flights: dict[int, _Flight] = {}
         self._queue: dict[int, _Flight] = {}  # waiting for an origin request
         self._seq = itertools.count()
-        self._memory: OrderedDict[int, bytes] = OrderedDict()
+        self._memory: OrderedDict[int, Data] = OrderedDict()
         self._memory_bytes = 0
         # Compressed chunks as the origin sent them, for a peer server that would otherwise
         # compress them again (take_stored); none kept unless one asks (keep_stored).
@@ -328,7 +335,7 @@ class ChunkFetcher:
         deadline: float | None = None,
         *,
         use_sources: bool = True,
-    ) -> bytes:
+    ) -> Data:
         """Verified raw bytes of chunk ``index``; ``deadline`` is a ``loop.time()`` value.
 
         ``use_sources=False`` skips the extra sources (the peer tier) for this chunk:
@@ -463,7 +470,7 @@ class ChunkFetcher:
 
     # -- memory tier -----------------------------------------------------------
 
-    def _memory_get(self, index: int) -> bytes | None:
+    def _memory_get(self, index: int) -> Data | None:
         data = self._memory.get(index)
         if data is not None:
             self._memory.move_to_end(index)
@@ -483,7 +490,7 @@ class ChunkFetcher:
         if index in self._memory:
             self._memory.move_to_end(index, last=False)
 
-    def _memory_put(self, index: int, data: bytes) -> None:
+    def _memory_put(self, index: int, data: Data) -> None:
         if index in self._memory or len(data) > self.config.memory_bytes:
             return
         self._memory[index] = data
@@ -499,7 +506,7 @@ class ChunkFetcher:
         """False from a failed origin request until the next one succeeds (the peer tier asks)."""
         return self._origin_ok
 
-    async def cached(self, index: int) -> bytes | None:
+    async def cached(self, index: int) -> Data | None:
         """Chunk ``index`` if it is in memory or in the cache, without fetching it."""
         data = self._memory_get(index)
         if data is not None or self.cache is None:
@@ -541,7 +548,7 @@ class ChunkFetcher:
         flight.task = asyncio.create_task(self._resolve(flight))
         return flight
 
-    def _finish(self, flight: _Flight, data: bytes | None = None, exc: BaseException | None = None) -> None:
+    def _finish(self, flight: _Flight, data: Data | None = None, exc: BaseException | None = None) -> None:
         if self._flights.get(flight.index) is flight:
             del self._flights[flight.index]
         self._queue.pop(flight.index, None)
@@ -558,6 +565,7 @@ class ChunkFetcher:
     async def _resolve(self, flight: _Flight) -> None:
         chunk = self.manifest.chunks[flight.index]
         loop = asyncio.get_running_loop()
+        data: Data | None
         try:
             if self.cache is not None:
                 try:
@@ -596,7 +604,7 @@ class ChunkFetcher:
             log.exception("fetching chunk %d failed unexpectedly", flight.index)
             self._finish(flight, exc=exc)
 
-    async def _from_source(self, source: ChunkSource, chunk: Chunk, priority: Priority) -> bytes | None:
+    async def _from_source(self, source: ChunkSource, chunk: Chunk, priority: Priority) -> Data | None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.read_timeout
         try:
@@ -618,13 +626,14 @@ class ChunkFetcher:
         self._c.bytes_from_peers += len(data)
         return data
 
-    async def _verify(self, chunk: Chunk, raw: bytes) -> bytes:
+    async def _verify(self, chunk: Chunk, raw: Data) -> Data:
         loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._executor, verify_chunk, chunk, raw)
+            await loop.run_in_executor(self._executor, check_chunk, chunk, raw)
         except IntegrityError:
             self._c.verify_failures += 1
             raise
+        return raw
 
     # -- origin scheduling -----------------------------------------------------
 
@@ -784,7 +793,7 @@ class ChunkFetcher:
 
     # -- write-back ------------------------------------------------------------
 
-    def _write_back(self, chunk: Chunk, data: bytes) -> None:
+    def _write_back(self, chunk: Chunk, data: Data) -> None:
         if self.cache is None:
             return
         if self._writeback_bytes + len(data) > self.config.writeback_bytes:
@@ -805,7 +814,7 @@ class ChunkFetcher:
 
         task.add_done_callback(done)
 
-    async def _put(self, chunk: Chunk, data: bytes) -> None:
+    async def _put(self, chunk: Chunk, data: Data) -> None:
         cache = self.cache
         assert cache is not None
         loop = asyncio.get_running_loop()

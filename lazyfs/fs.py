@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from lazyfs.errors import FilesystemError, LazyfsError
-from lazyfs.fetch import ChunkFetcher, Priority
+from lazyfs.fetch import ChunkFetcher, Data, Priority
 from lazyfs.manifest import Entry, EntryType, Manifest
 from lazyfs.prefetch import ReadAhead, ReadAheadConfig
 
@@ -287,7 +287,7 @@ class LazyFilesystem:
         parts[0] = parts[0][offset - first * cs :]
         return b"".join(parts)
 
-    async def _get(self, index: int, priority: Priority) -> bytes:
+    async def _get(self, index: int, priority: Priority) -> Data:
         """``fetcher.get``, except that a chunk which failed less than FAILED_HOLD ago fails at once."""
         held = self._failed.get(index)
         if held is not None:

@@ -43,7 +43,7 @@ from typing import Any
 import msgpack
 
 from lazyfs.errors import LazyfsError, NotFoundError, OriginError, TraceError, UsageError
-from lazyfs.fetch import ChunkFetcher, Priority
+from lazyfs.fetch import ChunkFetcher, Data, Priority
 from lazyfs.manifest import Manifest
 from lazyfs.origin.base import Origin
 
@@ -441,7 +441,7 @@ class StartupTraces:
                 done(i)
             else:
                 todo.append(i)
-        inflight: dict[asyncio.Task[bytes], int] = {}
+        inflight: dict[asyncio.Task[Data], int] = {}
         inflight_bytes = 0
         failures = 0
 

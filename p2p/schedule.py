@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from lazyfs.errors import DeadlineError, LazyfsError
-from lazyfs.fetch import Priority
+from lazyfs.fetch import Data, Priority
 from p2p import trace
 
 __all__ = ["HomeFetches", "PrioritySlots", "urgency"]
@@ -97,7 +97,7 @@ class PrioritySlots:
 class Provider(Protocol):
     async def get(
         self, index: int, priority: Priority = ..., deadline: float | None = ..., *, use_sources: bool = ...
-    ) -> bytes: ...
+    ) -> Data: ...
 
 
 @dataclass(eq=False)
@@ -107,7 +107,7 @@ class _Entry:
     own: bool = False  # this node's own fetcher has a flight for it (waiting in turn())
     admitted: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
-    done: asyncio.Future[bytes] | None = None
+    done: asyncio.Future[Data] | None = None
 
 
 class HomeFetches:
@@ -173,7 +173,7 @@ class HomeFetches:
             if self._entries.get(e.index) is e:
                 del self._entries[e.index]
 
-    async def get(self, index: int, priority: Priority, deadline: float) -> bytes:
+    async def get(self, index: int, priority: Priority, deadline: float) -> Data:
         if index in self._fetched:
             return await self.provider.get(index, priority, deadline, use_sources=False)
         e = self._entry(index, priority, own=False)

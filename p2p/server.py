@@ -22,7 +22,7 @@ from aiohttp import web
 
 from lazyfs.config import parse_host_port
 from lazyfs.errors import DeadlineError, LazyfsError, OriginError, UnavailableError, UsageError
-from lazyfs.fetch import Priority
+from lazyfs.fetch import Data, Priority
 from lazyfs.manifest import Codec, Manifest
 from p2p import protocol, trace
 from p2p.schedule import HomeFetches, PrioritySlots, urgency
@@ -54,7 +54,7 @@ PACKED_BYTES = 64 * 1024 * 1024
 class _SharedRead:
     """One cache read of a chunk outside the manifest, held while any request for it is being answered."""
 
-    future: asyncio.Future[bytes | None]
+    future: asyncio.Future[Data | None]
     users: int = 0
 
 
@@ -63,11 +63,11 @@ class ChunkProvider(Protocol):
 
     def index_of(self, digest: bytes) -> int | None: ...
 
-    async def cached(self, index: int) -> bytes | None: ...
+    async def cached(self, index: int) -> Data | None: ...
 
     async def get(
         self, index: int, priority: Priority = ..., deadline: float | None = ..., *, use_sources: bool = ...
-    ) -> bytes: ...
+    ) -> Data: ...
 
     @property
     def origin_available(self) -> bool: ...
@@ -204,7 +204,7 @@ class PeerServer:
         """
         shared = self._foreign.get(digest)
         if shared is None:
-            read = asyncio.ensure_future(asyncio.to_thread(self.store.read, digest))
+            read: asyncio.Future[Data | None] = asyncio.ensure_future(asyncio.to_thread(self.store.read, digest))
             shared = self._foreign[digest] = _SharedRead(read)
         shared.users += 1
 
@@ -244,7 +244,7 @@ class PeerServer:
         return await self._reply(request, data, priority, self._provider.index_of(digest), deadline)
 
     async def _reply(
-        self, request: web.Request, data: bytes, priority: Priority, index: int | None, deadline: float
+        self, request: web.Request, data: Data, priority: Priority, index: int | None, deadline: float
     ) -> web.StreamResponse:
         total = len(data)
         headers = {"Accept-Ranges": "bytes", "Content-Type": "application/octet-stream"}
@@ -299,7 +299,7 @@ class PeerServer:
         self.counters.bytes_sent += len(body)
         return resp
 
-    async def _packed(self, index: int, data: bytes) -> bytes | None:
+    async def _packed(self, index: int, data: Data) -> bytes | None:
         """Chunk ``index`` compressed for the wire, or None where that does not pay (see PACK_LEVEL).
 
         A home sends each chunk to every other node: it is compressed once and kept
@@ -341,7 +341,7 @@ class PeerServer:
         return packed or None
 
 
-    async def _lookup(self, digest: bytes, priority: Priority, deadline: float, cached_only: bool) -> bytes | None:
+    async def _lookup(self, digest: bytes, priority: Priority, deadline: float, cached_only: bool) -> Data | None:
         provider = self._provider
         assert provider is not None
         index = provider.index_of(digest)
@@ -356,7 +356,7 @@ class PeerServer:
         return await provider.get(index, priority, deadline, use_sources=False)
 
 
-def _compress(data: bytes) -> bytes:
+def _compress(data: Data) -> bytes:
     """``data`` as one zstd frame, or b"" when that saves under 10 % (the seeder's rule)."""
     packed = zstandard.ZstdCompressor(level=PACK_LEVEL).compress(data)
     return packed if len(packed) <= 0.9 * len(data) else b""

@@ -32,14 +32,12 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-import aiohttp
-
 from lazyfs.config import PeerConfig
 from lazyfs.errors import IntegrityError
-from lazyfs.fetch import Priority, Verifier, unpack_zstd
+from lazyfs.fetch import Data, Priority, Verifier, unpack_zstd
 from lazyfs.manifest import Chunk
-from lazyfs.origin.http import read_body
 from p2p import protocol, trace
+from p2p.client import PeerClient, PeerError
 from p2p.membership import Membership
 from p2p.schedule import HomeFetches
 
@@ -108,8 +106,7 @@ class PeerSource:
         self.config = config
         self.members = members
         self._ssl = client_ssl
-        self._scheme = "https" if client_ssl is not None else "http"
-        self._session: aiohttp.ClientSession | None = None
+        self._peers: PeerClient | None = None
         self._origin: _OriginState | None = None
         self._home: HomeFetches | None = None
         self._cpu = CpuGauge()
@@ -128,26 +125,20 @@ class PeerSource:
         index_of = getattr(self._origin, "index_of", None)
         return None if index_of is None else index_of(chunk.digest)
 
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(
-                limit=0, limit_per_host=self.config.max_connections, ssl=self._ssl if self._ssl else True,
-                keepalive_timeout=CLIENT_KEEPALIVE,
+    def _client(self) -> PeerClient:
+        if self._peers is None:
+            self._peers = PeerClient(
+                {"Authorization": protocol.bearer(self.config.token)},
+                max_connections=self.config.max_connections, keepalive=CLIENT_KEEPALIVE, ssl_context=self._ssl,
             )
-            self._session = aiohttp.ClientSession(
-                connector=connector,
-                headers={"Authorization": protocol.bearer(self.config.token)},
-                auto_decompress=False,
-                skip_auto_headers=("Accept-Encoding", "User-Agent"),
-            )
-        return self._session
+        return self._peers
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._peers is not None:
+            await self._peers.aclose()
+            self._peers = None
 
-    async def fetch(self, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier) -> bytes | None:
+    async def fetch(self, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier) -> Data | None:
         trace.event("fetch", d=chunk.digest.hex()[:12], prio=int(priority))
         ranked = self.members.ranked(chunk.digest)
         # Members whose origin just failed fetch nothing for us (each ask would be answered "503
@@ -165,7 +156,7 @@ class PeerSource:
                 nxt = eligible[i + 1] if i + 1 < len(eligible) else None
                 if nxt is not None and not origin_down:
                     answer = await self._ask(nxt, chunk, priority, deadline, verify, cached_only=True)
-                    if isinstance(answer, bytes):
+                    if isinstance(answer, (bytes, bytearray)):
                         return answer
                     asked.add(nxt)
                 if not origin_down and self._home is not None and (index := self._index(chunk)) is not None:
@@ -174,7 +165,7 @@ class PeerSource:
                 break
             asked.add(key)
             answer = await self._ask(key, chunk, priority, deadline, verify, cached_only=False)
-            if isinstance(answer, bytes):
+            if isinstance(answer, (bytes, bytearray)):
                 return answer
             origin_down = origin_down or answer is _Answer.ORIGIN_DOWN
         if origin_down:
@@ -185,13 +176,13 @@ class PeerSource:
                 if loop.time() >= deadline:
                     break
                 answer = await self._ask(key, chunk, priority, deadline, verify, cached_only=True)
-                if isinstance(answer, bytes):
+                if isinstance(answer, (bytes, bytearray)):
                     return answer
         return None
 
     async def _ask(
         self, key: str, chunk: Chunk, priority: Priority, deadline: float, verify: Verifier, cached_only: bool
-    ) -> bytes | _Answer:
+    ) -> Data | _Answer:
         loop = asyncio.get_running_loop()
         # A blocked reader's request gets one peer timeout.  A read-ahead request gets three: the
         # home may be working through a queue of them (its own origin fetches, at link rate), and
@@ -201,7 +192,7 @@ class PeerSource:
         budget = min(deadline - loop.time(), allowance)
         if budget <= 0:
             return _Answer.FAILED
-        url = f"{self._scheme}://{key}{protocol.CHUNK_PATH.format(digest=chunk.digest.hex())}"
+        path = protocol.CHUNK_PATH.format(digest=chunk.digest.hex())
         t0 = loop.time()
         trace.event("ask", d=chunk.digest.hex()[:12], peer=key, prio=int(priority), cached=cached_only)
         headers = {protocol.PRIORITY: str(int(priority)), protocol.TIMEOUT: f"{budget:.3f}"}
@@ -213,13 +204,13 @@ class PeerSource:
         try:
             async with asyncio.timeout(budget):
                 # A peer never redirects: following one would send this node's requests (and,
-                # with TLS, its client certificate) wherever the peer says.
-                async with self._client().get(url, headers=headers, allow_redirects=False) as resp:
+                # with TLS, its client certificate) wherever the peer says.  (PeerClient follows nothing.)
+                async with self._client().get(key, path, headers) as resp:
                     trace.event("answer", d=chunk.digest.hex()[:12], peer=key, status=resp.status,
                                 dt=round(loop.time() - t0, 4))
                     if resp.status == 404:
                         return _Answer.MISS
-                    if resp.status == 503 and resp.headers.get(protocol.REASON) == "origin":
+                    if resp.status == 503 and resp.header(protocol.REASON) == "origin":
                         if not cached_only:
                             self.members.origin_failed(key, "HTTP 503: the origin failed there")
                         return _Answer.ORIGIN_DOWN
@@ -231,7 +222,7 @@ class PeerSource:
                         return self._bad(key, f"HTTP {resp.status} redirect (peers do not redirect)")
                     if resp.status != 200:
                         return self._failed(key, f"HTTP {resp.status}")
-                    encoding = resp.headers.get("Content-Encoding", "").lower()
+                    encoding = resp.header("Content-Encoding").lower()
                     packed = encoding == protocol.ZSTD
                     if encoding and not (packed and "Accept-Encoding" in headers):
                         return self._bad(key, f"Content-Encoding {encoding!r}, which this node did not offer")
@@ -247,23 +238,22 @@ class PeerSource:
                         if resp.content_length is not None and resp.content_length != chunk.size:
                             announced = resp.content_length
                             return self._bad(key, f"{announced} bytes announced for a {chunk.size}-byte chunk")
-                    body, got = await read_body(resp.content, length)
+                    body, got = await resp.read(length)
                     if got < length:
                         # The body ended where its framing (Content-Length, chunked encoding) said it
                         # would, short of the chunk: a lie.  A connection cut before the announced end
-                        # is not one (a peer that crashed or was killed mid-reply): aiohttp raises
-                        # ClientPayloadError for that, a transport failure handled below.
+                        # is not one (a peer that crashed or was killed mid-reply): the client raises
+                        # PeerError or OSError for that, a transport failure handled below.
                         return self._bad(key, f"body ended after {got} of {length} bytes")
                     if got > length:
                         return self._bad(key, f"more than {length} bytes for the chunk")
         except TimeoutError:
             return self._failed(key, f"no answer within {budget:.1f} s")
-        except (aiohttp.ClientError, OSError) as exc:
+        except (PeerError, OSError) as exc:
             return self._failed(key, f"{type(exc).__name__}: {exc}")
         try:
-            if packed:
-                body = await asyncio.to_thread(_unpack, chunk, body)
-            data = await verify(chunk, body)
+            raw: Data = await asyncio.to_thread(_unpack, chunk, body) if packed else body
+            data = await verify(chunk, raw)
         except IntegrityError as exc:
             return self._bad(key, str(exc))
         trace.event("got", d=chunk.digest.hex()[:12], peer=key, dt=round(loop.time() - t0, 4))
@@ -283,6 +273,6 @@ class PeerSource:
         return _Answer.FAILED
 
 
-def _unpack(chunk: Chunk, packed: bytes) -> bytes:
+def _unpack(chunk: Chunk, packed: bytearray) -> bytes:
     """A compressed answer's chunk bytes (still to be verified); IntegrityError for bad data."""
-    return unpack_zstd(chunk, packed, " from a peer")
+    return unpack_zstd(chunk, memoryview(packed), " from a peer")

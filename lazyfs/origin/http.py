@@ -53,7 +53,7 @@ from lazyfs.errors import (
 from lazyfs.origin._common import check_prefix, check_range
 from lazyfs.origin.base import check_key
 
-__all__ = ["HTTPOrigin", "read_body"]
+__all__ = ["HTTPOrigin"]
 
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"^\s*bytes\s+\*/(\d+)\s*$", re.IGNORECASE)
@@ -214,7 +214,7 @@ class HTTPOrigin:
                 raise UnavailableError(f"GET {url}: 206 Partial Content to a request without a Range")
             size = self._check_content_range(resp, url, start, length)
             # Read no more than announced: a hostile Content-Length must not make us buffer more.
-            body, got = await read_body(resp.content, size)
+            body, got = await _read_body(resp.content, size)
             if got != size:
                 raise UnavailableError(
                     f"GET {url}: 206 body has {'at least ' if got > size else ''}{got} bytes, "
@@ -286,7 +286,7 @@ async def _pieces(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             return
 
 
-async def read_body(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, int]:
+async def _read_body(content: aiohttp.StreamReader, limit: int) -> tuple[bytes, int]:
     """A body of at most ``limit`` bytes, and how many bytes it had (``limit + 1`` or more: too long).
 
     The body is copied once, joined from the buffers aiohttp received; its own readers

@@ -451,8 +451,8 @@ async def chunked_server(port: int, m: Manifest, files: dict[bytes, bytes]) -> R
 async def test_a_chunked_answer_in_many_pieces_is_taken_whole(
     cluster: Cluster, published: tuple[MemoryOrigin, Manifest, dict[bytes, bytes]]
 ) -> None:
-    """The client joins a body from the buffers it received (lazyfs.origin.http.read_body): an
-    answer split into many HTTP chunks of odd sizes, arriving in many pieces, is one chunk."""
+    """The client reads a body into the chunk's buffer piece by piece (p2p.client): an answer
+    split into many HTTP chunks of odd sizes, arriving in many pieces, is one chunk."""
     origin, m, files = published
     async with read_beside(cluster, published, lambda port: chunked_server(port, m, files)) as (a, peer_key):
         st = a.tier.statistics()

@@ -16,7 +16,7 @@ import zstandard
 
 from lazyfs.config import SeedConfig
 from lazyfs.errors import DeadlineError, IntegrityError
-from lazyfs.fetch import ChunkFetcher, FetchConfig, Priority, decode_chunk, unpack_zstd, zstd_frame_end
+from lazyfs.fetch import ChunkFetcher, Data, FetchConfig, Priority, decode_chunk, unpack_zstd, zstd_frame_end
 from lazyfs.manifest import Chunk, Codec, Manifest, parse_ref
 from lazyfs.seed import seed
 from lazyfs.store import ChunkStore
@@ -53,13 +53,13 @@ def store(tmp_path: Path) -> Iterator[ChunkStore]:
     s.close()
 
 
-def file_bytes(m: Manifest, name: bytes, fetched: dict[int, bytes]) -> bytes:
+def file_bytes(m: Manifest, name: bytes, fetched: dict[int, Data]) -> bytes:
     e = m.entry(name)
     assert e is not None
     return b"".join(fetched[i] for i in e.chunks)
 
 
-def digest_ok(c: Chunk, data: bytes) -> bool:
+def digest_ok(c: Chunk, data: Data) -> bool:
     return blake3.blake3(data).digest() == c.digest and len(data) == c.size
 
 
