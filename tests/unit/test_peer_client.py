@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+import trustme
 import uvloop
 
 from p2p.client import DRAIN_LIMIT, MAX_HEAD, PeerClient, PeerError
@@ -37,8 +39,8 @@ class Scripted:
     most_open: int = 0
     server: asyncio.Server | None = None
     writers: list[asyncio.StreamWriter] = field(default_factory=list)
-
     key: str = ""
+    tls: ssl.SSLContext | None = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -60,7 +62,7 @@ class Scripted:
             writer.close()
 
     async def __aenter__(self) -> Scripted:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls)
         self.key = f"127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
@@ -320,3 +322,25 @@ def test_request_headers_cannot_smuggle_lines() -> None:
                 pass
         await c.aclose()
     asyncio.run(main())
+
+
+def test_bodies_arrive_whole_over_tls(run: Runner) -> None:
+    """TLS transports fill a buffer in several record-sized reads (asyncio's writes each one into
+    ``buffer[offset:]``): the body must still arrive whole, under either loop."""
+    ca = trustme.CA()
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+
+    async def main() -> None:
+        async with Scripted(always(OK), tls=server_ctx) as srv:
+            c = client(ssl_context=client_ctx)
+            for _ in range(3):
+                assert await fetch(c, srv.key) == (200, BODY, len(BODY))
+            status, _, got = await fetch(c, srv.key, limit=len(BODY) - 1)  # announced too long: not read
+            assert (status, got) == (200, len(BODY))
+            assert await fetch(c, srv.key) == (200, BODY, len(BODY))
+            await c.aclose()
+        assert srv.connections == 2  # the too-long answer was not read to its end: its connection went
+    run(main())
