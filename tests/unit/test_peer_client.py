@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import ssl
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import pytest
 import trustme
 import uvloop
 
-from p2p.client import DRAIN_LIMIT, MAX_HEAD, PeerClient, PeerError
+from p2p.client import DRAIN_LIMIT, MAX_HEAD, PeerClient, PeerError, _body_framing, _chunk_size, _parse_head
 
 BODY = os.urandom(300_000)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(BODY) + BODY
@@ -344,3 +345,32 @@ def test_bodies_arrive_whole_over_tls(run: Runner) -> None:
             await c.aclose()
         assert srv.connections == 2  # the too-long answer was not read to its end: its connection went
     run(main())
+
+
+def test_random_heads_and_size_lines_parse_or_raise_peer_error() -> None:
+    """The head and chunk-size parsers on mutated and random input: a PeerError or a result, never
+    another exception (a UnicodeDecodeError or ValueError would escape PeerSource's handling)."""
+    rng = random.Random(5)
+    statuses = [b"HTTP/1.1 200 OK", b"HTTP/1.0 404 X", b"HTTP/1.1 204", b"HTTP/1.1 200 \xff\x00"]
+    fields = [b"Content-Length: 12", b"Content-Length: \xb2", b"Transfer-Encoding: chunked", b"Connection: close",
+              b"X-\xff: \x00\xff", b"Content-Length: 1 2", b":", b"", b"content-length: 0012",
+              b"Transfer-Encoding: CHUNKED", b"X-A: \xe9t\xe9"]
+    outcomes = {"parsed": 0, "refused": 0}
+    for _ in range(3000):
+        lines = [rng.choice(statuses)] + [rng.choice(fields) for _ in range(rng.randint(0, 4))]
+        if rng.random() < 0.3:
+            k = rng.randrange(len(lines))
+            raw = bytearray(lines[k])
+            for _ in range(rng.randint(1, 4)):
+                raw.insert(rng.randint(0, len(raw)), rng.randrange(256))
+            lines[k] = bytes(raw)
+        try:
+            status, http11, headers = _parse_head(lines)
+            _body_framing(status, http11, headers)
+            outcomes["parsed"] += 1
+        except PeerError:
+            outcomes["refused"] += 1
+        line = bytes(rng.randrange(256) for _ in range(rng.randint(0, 20)))
+        with contextlib.suppress(PeerError):
+            assert 0 <= _chunk_size(line) < 16**15
+    assert min(outcomes.values()) > 300, outcomes  # both paths exercised
