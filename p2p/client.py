@@ -64,7 +64,9 @@ class _Connection(asyncio.BufferedProtocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self._scratch = bytearray(SCRATCH)
+        # A view, not the bytearray, is handed out: asyncio's TLS transport fills what it got in
+        # several reads, into ``buffer[offset:]``, which for a bytearray is a copy (bytes lost).
+        self._scratch = memoryview(bytearray(SCRATCH))
         self._queue = bytearray()  # received, not yet consumed
         self._target: memoryview | None = None  # while set, the socket is read into it
         self._filled = 0
@@ -83,9 +85,7 @@ class _Connection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:
         if self._target is not None:
             return self._target[self._filled :]
-        # A view, not the bytearray: asyncio's TLS transport fills what it got in several reads,
-        # into ``buffer[offset:]``, which for a bytearray is a copy (the bytes would be lost).
-        return memoryview(self._scratch)
+        return self._scratch
 
     def buffer_updated(self, nbytes: int) -> None:
         self.answered = True
@@ -95,7 +95,7 @@ class _Connection(asyncio.BufferedProtocol):
                 self._target = None
                 self._wake()
             return
-        self._queue += memoryview(self._scratch)[:nbytes]
+        self._queue += self._scratch[:nbytes]
         if len(self._queue) >= SCRATCH and not self._paused and self.transport is not None:
             self._paused = True  # nobody is reading: a peer sending unasked-for bytes waits
             self.transport.pause_reading()
@@ -207,19 +207,20 @@ class Reply:
 
         Fewer than ``limit``: the body ended there, as its framing said (a ``Content-Length``,
         the last HTTP chunk, the peer closing a close-delimited body).  More than ``limit``:
-        the body was longer (it is not read past that; the connection is then dropped).  A
+        the body was longer (it is not read past that, and where a Content-Length said so, not
+        read at all: the buffer is then empty; the connection is dropped either way).  A
         connection cut before the framing's end raises ``OSError`` or :class:`PeerError`.
         """
         if self._done:
             raise RuntimeError("the body was read already")
         self._done = True
+        conn = self._conn
+        if self.content_length is not None and self.content_length > limit:
+            self._keep_alive = False
+            return bytearray(), self.content_length  # announced too long: nothing read, nothing allocated
         buf = bytearray(limit)
         view = memoryview(buf)
-        conn = self._conn
         if self.content_length is not None:
-            if self.content_length > limit:
-                self._keep_alive = False
-                return buf, self.content_length
             got = await conn.fill(view[: self.content_length])
             if got < self.content_length:
                 raise conn.lost(f"after {got} of {self.content_length} bytes")

@@ -156,7 +156,7 @@ class PeerSource:
                 nxt = eligible[i + 1] if i + 1 < len(eligible) else None
                 if nxt is not None and not origin_down:
                     answer = await self._ask(nxt, chunk, priority, deadline, verify, cached_only=True)
-                    if isinstance(answer, (bytes, bytearray)):
+                    if not isinstance(answer, _Answer):
                         return answer
                     asked.add(nxt)
                 if not origin_down and self._home is not None and (index := self._index(chunk)) is not None:
@@ -165,7 +165,7 @@ class PeerSource:
                 break
             asked.add(key)
             answer = await self._ask(key, chunk, priority, deadline, verify, cached_only=False)
-            if isinstance(answer, (bytes, bytearray)):
+            if not isinstance(answer, _Answer):
                 return answer
             origin_down = origin_down or answer is _Answer.ORIGIN_DOWN
         if origin_down:
@@ -176,7 +176,7 @@ class PeerSource:
                 if loop.time() >= deadline:
                     break
                 answer = await self._ask(key, chunk, priority, deadline, verify, cached_only=True)
-                if isinstance(answer, (bytes, bytearray)):
+                if not isinstance(answer, _Answer):
                     return answer
         return None
 
