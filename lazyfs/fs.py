@@ -172,20 +172,31 @@ class LazyFilesystem:
         )
 
     def lookup(self, parent: int, name: bytes) -> Attr:
+        return self.getattr(self.lookup_ino(parent, name))
+
+    def lookup_ino(self, parent: int, name: bytes) -> int:
+        """The inode ``name`` in directory ``parent`` names (what the FUSE adapter asks: it
+        keeps each inode's reply attributes and needs no fresh :class:`Attr`)."""
         if self._entry(parent).type is not EntryType.DIR:
             raise FilesystemError(errno.ENOTDIR)
         if name == b".":
-            return self.getattr(parent)
+            return parent
         if name == b"..":
-            p = self._entry(parent).parent
-            return self.getattr(self._ino_of_path[p])
+            return self._ino_of_path[self._entry(parent).parent]
         if not name or b"/" in name:
             raise FilesystemError(errno.ENOENT)
         ppath = self._entries[parent - 1].path
         ino = self._ino_of_path.get(ppath + b"/" + name if ppath else name)
         if ino is None:
             raise FilesystemError(errno.ENOENT)
-        return self.getattr(ino)
+        return ino
+
+    def children(self, ino: int) -> Sequence[tuple[bytes, int]]:
+        """The (name, inode) pairs of directory ``ino`` in name order; readdir offset i + 1
+        resumes after the i-th.  The list is the filesystem's own: callers only read it."""
+        if self._entry(ino).type is not EntryType.DIR:
+            raise FilesystemError(errno.ENOTDIR)
+        return self._children.get(ino, ())
 
     def readdir(self, ino: int, start: int) -> Iterator[DirEntry]:
         """Children of ``ino`` from offset ``start`` (0 = beginning), in name order.
@@ -194,9 +205,7 @@ class LazyFilesystem:
         page or so and stops taking entries when its buffer is full: a directory of n names
         costs O(n) attributes in all, not O(n) per piece (O(n^2) for a large directory).
         """
-        if self._entry(ino).type is not EntryType.DIR:
-            raise FilesystemError(errno.ENOTDIR)
-        children = self._children.get(ino, [])
+        children = self.children(ino)
         return (DirEntry(children[i][0], self.getattr(children[i][1]), i + 1) for i in range(start, len(children)))
 
     def readlink(self, ino: int) -> bytes:
