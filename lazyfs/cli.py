@@ -478,9 +478,16 @@ def _cmd_umount(args: argparse.Namespace) -> int:
     except (LazyfsError, KeyError, ValueError):
         pid = None
     cmd = ["fusermount3", "-u", mp] if shutil.which("fusermount3") else ["umount", mp]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0 and os.geteuid() == 0:
-        res = subprocess.run(["umount", mp], capture_output=True, text=True)
+    # The daemon itself holds a directory open for a moment after a first lookup in it (it
+    # lists it ahead): a "busy" right after use is tried again briefly before it is reported.
+    busy_until = time.monotonic() + 2
+    while True:
+        res = subprocess.run(cmd, capture_output=True, text=True)
+        if res.returncode != 0 and os.geteuid() == 0:
+            res = subprocess.run(["umount", mp], capture_output=True, text=True)
+        if res.returncode == 0 or "busy" not in res.stderr.lower() or time.monotonic() > busy_until:
+            break
+        time.sleep(0.05)
     if res.returncode != 0:
         raise LazyfsError(f"cannot unmount {mp}: {res.stderr.strip() or 'busy?'}")
     # Wait for the daemon to finish its cache writes so a remount finds them.

@@ -213,6 +213,7 @@ class MountedFs:
     started: float = dataclasses.field(default_factory=time.time)
     notes: list[str] = dataclasses.field(default_factory=list)
     traces: StartupTraces | None = None
+    metadata: Callable[[], Any] | None = None  # the FUSE adapter's MetadataStatistics, once mounted
 
     def status(self) -> dict[str, Any]:
         return {
@@ -227,6 +228,7 @@ class MountedFs:
             "bytes": self.manifest.total_size,
             "fetch": dataclasses.asdict(self.fetcher.statistics()),
             "cache": dataclasses.asdict(self.store.statistics()),
+            "metadata": None if self.metadata is None else dataclasses.asdict(self.metadata()),
             "peers": None if self.peers is None else self.peers.status(),
             "trace": None if self.traces is None else self.traces.status(),
             "notes": self.notes,
@@ -519,6 +521,7 @@ async def run_mount(
             from lazyfs.metrics import StatisticsCollector, serve_metrics  # prometheus_client: only when asked
 
             groups: dict[str, Callable[[], Any]] = {"fetch": fetcher.statistics, "cache": store.statistics}
+            groups["metadata"] = lambda: m.metadata() if m.metadata is not None else None
             if peers is not None:
                 groups["peers"] = peers.statistics
             collector = StatisticsCollector(groups, {"mountpoint": config.mountpoint, "ref": str(ref)})
@@ -529,7 +532,8 @@ async def run_mount(
         if config.replay_trace:
             # Started before the mount so the trace's one small read overlaps the mount itself.
             traces.start_replay_nowait()
-        fuse.mount(fs, mountpoint, allow_other=config.allow_other, fsname=f"lazyfs:{ref}")
+        adapter = fuse.mount(fs, mountpoint, allow_other=config.allow_other, fsname=f"lazyfs:{ref}")
+        m.metadata = adapter.statistics
         try:
             async with _control_server(m):
                 loop = asyncio.get_running_loop()
@@ -543,6 +547,7 @@ async def run_mount(
                 on_ready(m)
                 await serving
         finally:
+            adapter.list_ahead.close()
             fuse.close(unmount=True)
     finally:
         if traces is not None:

@@ -48,6 +48,12 @@ COUNTERS = {
     "per_peer_errors",
     "per_peer_bad",
     "per_peer_bytes",
+    "lookups",
+    "lookups_missing",
+    "readdirs",
+    "dirs_listed_ahead",
+    "list_ahead_dropped",
+    "list_ahead_errors",
 }
 
 

@@ -44,6 +44,24 @@ def test_umount_stops_the_daemon_and_empties_the_mountpoint(tree: Published, mou
     assert res.returncode != 0 and res.stderr.startswith("lazyfs: error: ") and res.stderr.count("\n") == 1
 
 
+def test_umount_of_a_mount_in_use_fails_in_one_line_and_works_once_it_is_free(
+    tree: Published, mounter: Mounter
+) -> None:
+    """A file held open keeps the mount busy: ``umount`` tries again for a moment (the daemon
+    itself holds a directory open briefly while it lists it ahead), then says so, and the
+    mount keeps serving; once the file is closed, ``umount`` works."""
+    m = mounter.mount(tree.file_url, tree.ref)
+    with open(m.path(b"multi.bin"), "rb") as f:
+        t0 = time.monotonic()
+        res = lazyfs("umount", m.mountpoint, check=False)
+        waited = time.monotonic() - t0
+        assert res.returncode != 0 and res.stderr.startswith("lazyfs: error: cannot unmount ")
+        assert res.stderr.count("\n") == 1 and "busy" in res.stderr
+        assert 2 <= waited < 20
+        assert mounted(m.mountpoint) and f.read() == tree.contents[b"multi.bin"]
+    mounter.umount(m)
+
+
 def test_sigterm_unmounts(tree: Published, mounter: Mounter) -> None:
     m = mounter.mount(tree.file_url, tree.ref)
     assert read_file(m.path(b"one-byte")) == b"x"

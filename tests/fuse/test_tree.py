@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.manifest import EntryType
-from tests.fuse.conftest import CHUNK, Mount, Mounter, Published, publish, read_file
+from tests.fuse.conftest import CHUNK, Mount, Mounter, Published, publish, read_file, wait_until
 from tests.helpers import walk_source
 
 pytestmark = pytest.mark.fuse
@@ -276,7 +276,65 @@ def test_a_large_directory_lists_every_name_once_in_order(tmp_path: Path, mounte
         (src / "many" / os.fsdecode(name)).touch()
     p = publish(src, tmp_path / "origin", "many:v1")
     m = mounter.mount(p.file_url, p.ref)
+    # Too many names to list ahead for one lookup: each first lookup reaches the daemon.
+    before = m.status()["metadata"]
+    for name in want[100:103]:
+        os.stat(m.path(b"many/" + name))
+    after = m.status()["metadata"]
+    assert after["lookups"] - before["lookups"] == 4  # "many", then the three names
+    assert after["dirs_listed_ahead"] == 0
     with os.scandir(m.path(b"many")) as it:
         got = [e.name for e in it]
     assert got == want
     assert os.stat(m.path(b"many/" + want[-1])).st_size == 0
+
+
+def metadata(m: Mount) -> dict[str, int]:
+    out: dict[str, int] = m.status()["metadata"]
+    return out
+
+
+def test_a_first_lookup_lists_its_directory_so_siblings_need_no_lookup(tmp_path: Path, mounter: Mounter) -> None:
+    """The daemon lists a directory through the mount after a first lookup in it: the kernel
+    learns every name (and its attributes) from that one READDIRPLUS, and answers the
+    siblings' lookups itself, with the attributes the source has."""
+    src = tmp_path / "src"
+    (src / "pkg").mkdir(parents=True)
+    (src / "other").mkdir()
+    for i in range(40):
+        (src / "pkg" / f"mod{i:02d}.py").write_bytes(b"x" * i)
+        os.chmod(src / "pkg" / f"mod{i:02d}.py", 0o600 + i % 8)
+    p = publish(src, tmp_path / "origin", "pkg:v1")
+    m = mounter.mount(p.file_url, p.ref)
+    os.stat(m.path(b"pkg/mod00.py"))
+    wait_until(lambda: metadata(m)["dirs_listed_ahead"] == 2, 10, "the root and pkg to be listed ahead")
+    before = metadata(m)
+    for i in range(40):
+        got, want = os.lstat(m.path(f"pkg/mod{i:02d}.py")), os.lstat(src / "pkg" / f"mod{i:02d}.py")
+        assert (got.st_size, got.st_mode, got.st_mtime_ns, got.st_uid) == (
+            want.st_size, want.st_mode, want.st_mtime_ns, want.st_uid
+        )
+    os.stat(m.path(b"other"))
+    after = metadata(m)
+    assert after["lookups"] == before["lookups"], "the siblings' lookups reached the daemon"
+    assert (after["list_ahead_errors"], after["readdirs"] >= 2) == (0, True)
+    assert read_file(m.path(b"pkg/mod07.py")) == b"x" * 7
+
+
+def test_a_missing_name_is_asked_once(tmp_path: Path, mounter: Mounter) -> None:
+    """The tree never changes, so the daemon lets the kernel keep "no such name" answers."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "there").write_bytes(b"1")
+    p = publish(src, tmp_path / "origin", "neg:v1")
+    m = mounter.mount(p.file_url, p.ref)
+    before = metadata(m)
+    for _ in range(3):
+        with pytest.raises(FileNotFoundError):
+            os.stat(m.path(b"d/absent"))
+    after = metadata(m)
+    assert after["lookups_missing"] - before["lookups_missing"] == 1
+    assert read_file(m.path(b"d/there")) == b"1"
+    with pytest.raises(FileNotFoundError):
+        read_file(m.path(b"d/absent"))
+    assert metadata(m)["lookups_missing"] == after["lookups_missing"]
