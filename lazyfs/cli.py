@@ -532,6 +532,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"  failures   origin errors {f['origin_errors']}, verification {f['verify_failures']}, "
           f"deadlines {f['deadline_failures']}, cache writes {f['cache_write_errors']}")
     print(f"  cache      {st['cache_dir']}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
+    md = st.get("metadata")
+    if md:
+        print(f"  metadata   {md['lookups']} lookups ({md['lookups_missing']} not found), {md['readdirs']} listings, "
+              f"{md['dirs_listed_ahead']} directories listed ahead ({md['list_ahead_errors']} failed)")
     p = st.get("peers")
     if p:
         print(f"  peers      {p['live']} of {p['members']} live, this node {p['self'] or '(not a member)'}; "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import threading
 import time
@@ -77,6 +78,7 @@ def test_status_and_prefetch(tree: Published, origins: Origins, mounter: Mounter
     m = mounter.mount(origin.url + "/", tree.ref)
     human = lazyfs("status", m.mountpoint).stdout
     assert tree.ref in human and tree.digest in human and f"pid {m.pid}" in human
+    assert re.search(r"metadata   \d+ lookups \(\d+ not found\), \d+ listings", human), human
     st = m.cli_status()
     assert st["digest"] == tree.digest and st["pid"] == m.pid and st["bytes"] == tree.manifest.total_size
     assert st["fetch"]["bytes_from_origin"] == 0

@@ -225,6 +225,8 @@ def test_metrics_export_peer_counters_per_peer(trio: Cluster, bulk: Published) -
     served = [v for n, lab, v in samples if n in ("lazyfs_peers_bytes_served", "lazyfs_peers_bytes_served_total")]
     assert served == [trio.nodes[0].status()["peers"]["bytes_served"]] and served[0] > 0, served
     assert all(lab.get("mountpoint") == mp for n, lab, _ in samples if n.startswith("lazyfs_peers_")), samples
+    lookups = [v for n, lab, v in samples if n in ("lazyfs_metadata_lookups", "lazyfs_metadata_lookups_total")]
+    assert lookups == [trio.nodes[0].status()["metadata"]["lookups"]] and lookups[0] > 0, lookups
 
     per_peer_bytes = {
         lab["peer"]: v for n, lab, v in samples if n.startswith("lazyfs_peers_per_peer_bytes") and "peer" in lab
