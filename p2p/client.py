@@ -19,6 +19,8 @@ one); either way the connection is dropped, never reused.
 
 Connections are kept per peer (at most ``max_connections`` in use at once; more
 requests wait for one) and reused while idle for less than ``keepalive`` seconds.
+Idle connections past that are closed, and peers no longer asked are forgotten, by a
+sweep that the next request runs (at most once per ``keepalive``).
 """
 
 from __future__ import annotations
@@ -318,6 +320,7 @@ def _body_framing(status: int, http11: bool, headers: Mapping[str, str]) -> tupl
 class _Pool:
     slots: asyncio.Semaphore
     idle: list[_Connection] = field(default_factory=list)
+    busy: int = 0  # requests holding a slot
 
 
 class PeerClient:
@@ -336,6 +339,7 @@ class PeerClient:
         self._ssl = ssl_context
         self._pools: dict[str, _Pool] = {}
         self._closed = False
+        self._swept = 0.0
 
     @contextlib.asynccontextmanager
     async def get(self, key: str, path: str, headers: Mapping[str, str]) -> AsyncIterator[Reply]:
@@ -345,36 +349,60 @@ class PeerClient:
         cancellation, it is closed."""
         if self._closed:
             raise PeerError("the peer client is closed")
+        self._sweep()
         pool = self._pools.get(key)
         if pool is None:
             pool = self._pools[key] = _Pool(asyncio.Semaphore(self._max))
         request = b"GET %s HTTP/1.1\r\nHost: %s\r\n%s%s\r\n" % (
             path.encode("ascii"), key.encode("ascii"), self._headers, _encode_headers(headers)
         )
-        async with pool.slots:
-            conn, reused = await self._connection(key, pool)
-            keep = False
-            try:
-                conn.send(request)
+        pool.busy += 1  # a pool in use is never forgotten by _sweep
+        try:
+            async with pool.slots:
+                conn, reused = await self._connection(key, pool)
+                keep = False
                 try:
-                    reply = await _read_head(conn)
-                except (PeerError, OSError):
-                    # The peer may have closed an idle connection just as it was taken: a request
-                    # that got no byte back on a reused connection is sent once more on a new one.
-                    if not reused or conn.answered:
-                        raise
-                    conn.close()
-                    conn = await self._connect(key)
                     conn.send(request)
-                    reply = await _read_head(conn)
-                yield reply
-                keep = await reply._finish() and not self._closed
-            finally:
-                if keep:
-                    conn.idle_since = asyncio.get_running_loop().time()
-                    pool.idle.append(conn)
+                    try:
+                        reply = await _read_head(conn)
+                    except (PeerError, OSError):
+                        # The peer may have closed an idle connection just as it was taken: a request
+                        # that got no byte back on a reused connection is sent once more on a new one.
+                        if not reused or conn.answered:
+                            raise
+                        conn.close()
+                        conn = await self._connect(key)
+                        conn.send(request)
+                        reply = await _read_head(conn)
+                    yield reply
+                    keep = await reply._finish() and not self._closed
+                finally:
+                    if keep:
+                        conn.idle_since = asyncio.get_running_loop().time()
+                        pool.idle.append(conn)
+                    else:
+                        conn.close()
+        finally:
+            pool.busy -= 1
+
+    def _sweep(self) -> None:
+        """Close idle connections past ``keepalive`` and forget peers nobody is asking (at most once
+        per ``keepalive``).  Without it a connection to a peer that left the cluster stayed open
+        until that peer closed it, which a node that died without a FIN never does."""
+        now = asyncio.get_running_loop().time()
+        if now - self._swept < self._keepalive:
+            return
+        self._swept = now
+        for key, pool in list(self._pools.items()):
+            fresh = []
+            for conn in pool.idle:
+                if conn.reusable and now - conn.idle_since < self._keepalive:
+                    fresh.append(conn)
                 else:
                     conn.close()
+            pool.idle = fresh
+            if not fresh and not pool.busy:
+                del self._pools[key]
 
     async def _connection(self, key: str, pool: _Pool) -> tuple[_Connection, bool]:
         """An idle connection to ``key`` (True) or a new one (False)."""

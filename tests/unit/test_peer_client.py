@@ -312,6 +312,28 @@ def test_at_most_max_connections_are_open_per_peer_and_idle_ones_expire(
     run(main())
 
 
+def test_idle_connections_to_peers_no_longer_asked_are_closed_and_forgotten(run: Runner) -> None:
+    """A peer that left the cluster is never asked again: its idle connection must not stay open
+    (a node that died without a FIN never closes it from its side), nor its pool grow the client."""
+    async def main() -> None:
+        async with Scripted(always(OK)) as gone, Scripted(always(OK)) as stays:
+            c = client(keepalive=0.1)
+            assert await fetch(c, gone.key) == (200, BODY, len(BODY))
+            assert await fetch(c, stays.key) == (200, BODY, len(BODY))
+            assert gone.open_now == 1 and set(c._pools) == {gone.key, stays.key}
+            for _ in range(3):  # stays is asked every 60 ms, gone never again
+                await asyncio.sleep(0.06)
+                assert await fetch(c, stays.key) == (200, BODY, len(BODY))
+            for _ in range(100):
+                if gone.open_now == 0:
+                    break
+                await asyncio.sleep(0.01)
+            assert gone.open_now == 0 and set(c._pools) == {stays.key}
+            assert stays.open_now == 1 and stays.connections == 1  # still reused within keepalive
+            await c.aclose()
+    run(main())
+
+
 def test_request_headers_cannot_smuggle_lines() -> None:
     with pytest.raises(ValueError, match="bad request header"):
         PeerClient({"Authorization": "Bearer t\r\nX-Evil: 1"}, max_connections=1, keepalive=1.0)
