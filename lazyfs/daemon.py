@@ -540,6 +540,7 @@ async def run_mount(
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, fuse.terminate)
                 serving = asyncio.create_task(fuse.run())
+                adapter.list_ahead.device = await asyncio.to_thread(fuse.device_number, mountpoint)
                 note = await asyncio.to_thread(fuse.tune_read_ahead, mountpoint)
                 if note:
                     m.notes.append(note)

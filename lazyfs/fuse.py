@@ -119,10 +119,16 @@ class MetadataStatistics:
     list_ahead_errors: int  # listings that failed (permissions, an unmount under way)
 
 
-def _list_directory(path: bytes) -> None:
-    """Read the directory at ``path`` through the mount, discarding the names (a worker thread's job)."""
+def _list_directory(path: bytes, device: int) -> None:
+    """Read the directory at ``path`` through the mount, discarding the names (a worker thread's job).
+
+    ``path`` is resolved by name under the mountpoint, whose parents somebody else may own: a
+    directory that turns out not to be on the mount (``device``) is left unread.
+    """
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
+        if os.fstat(fd).st_dev != device:
+            raise OSError(errno.EXDEV, "not on this mount")
         os.listdir(fd)
     finally:
         os.close(fd)
@@ -157,10 +163,12 @@ class _ListAhead:
         self._worker: asyncio.Task[None] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self.listed = self.dropped = self.errors = 0
+        # The mount's device number, set once it is mounted: nothing is listed before.
+        self.device: int | None = None
 
     def touched(self, parent: int) -> None:
         """A name in directory ``parent`` was looked up (called on the event loop)."""
-        if self.limit <= 0 or parent in self._seen:
+        if self.limit <= 0 or self.device is None or parent in self._seen:
             return
         self._seen.add(parent)
         if not 2 <= len(self.fs.children(parent)) <= self.limit:
@@ -177,11 +185,11 @@ class _ListAhead:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lazyfs-list-ahead")
         try:
-            while self._queue:
+            while self._queue and (device := self.device) is not None:
                 rel = self.fs.path_of(self._queue.popleft())
                 path = self.mountpoint + b"/" + rel if rel else self.mountpoint
                 try:
-                    await loop.run_in_executor(self._pool, _list_directory, path)
+                    await loop.run_in_executor(self._pool, _list_directory, path, device)
                     self.listed += 1
                 except OSError as exc:
                     self.errors += 1
@@ -430,6 +438,18 @@ def mount_device(mountpoint: Path) -> str | None:
     except OSError:
         return None
     return found
+
+
+def device_number(mountpoint: Path) -> int | None:
+    """``st_dev`` of the filesystem mounted at ``mountpoint`` (from mountinfo, see :func:`mount_device`)."""
+    dev = mount_device(mountpoint)
+    if dev is None:
+        return None
+    major, _, minor = dev.partition(":")
+    try:
+        return os.makedev(int(major), int(minor))
+    except ValueError:
+        return None
 
 
 def tune_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from lazyfs.seed import seed
 from lazyfs.testing import MemoryOrigin
 
 MP = b"/mnt/where"
+DEV = os.makedev(0, 99)
 Make = Callable[..., fuse.FuseAdapter]
 
 
@@ -51,7 +53,8 @@ class FakeLister:
         self.release.set()
         self.fail: type[OSError] | None = None
 
-    def __call__(self, path: bytes) -> None:
+    def __call__(self, path: bytes, device: int) -> None:
+        assert device == DEV
         self.entered.set()
         assert self.release.wait(10)
         if self.fail is not None:
@@ -73,6 +76,7 @@ def adapter(lfs: LazyFilesystem) -> Iterator[Make]:
 
     def make(*args: Any, **kwargs: Any) -> fuse.FuseAdapter:
         made.append(fuse.FuseAdapter(lfs, *args, **kwargs))
+        made[-1].list_ahead.device = DEV  # as the daemon sets it once the mount is up
         return made[-1]
 
     yield make
@@ -168,3 +172,28 @@ async def test_nothing_is_listed_after_close(lfs: LazyFilesystem, lister: FakeLi
     await a.lookup(ino(lfs, "a"), b"1")
     await asyncio.sleep(0.05)
     assert lister.paths == [] and a.list_ahead._worker is None
+
+
+async def test_nothing_is_listed_before_the_mount_is_known(lfs: LazyFilesystem, lister: FakeLister) -> None:
+    a = fuse.FuseAdapter(lfs, MP.decode())  # device not set yet
+    await a.lookup(ino(lfs, "a"), b"1")
+    await asyncio.sleep(0.05)
+    assert lister.paths == []
+    a.list_ahead.device = DEV
+    await a.lookup(ino(lfs, "a"), b"2")  # the directory was not given up: listed now
+    await until(lambda: a.list_ahead._worker is None)
+    assert lister.paths == [MP + b"/a"]
+    a.list_ahead.close()
+
+
+def test_a_directory_off_the_mount_or_behind_a_symlink_is_not_read(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "link").symlink_to("d")
+    here = os.stat(tmp_path).st_dev
+    fuse._list_directory(os.fsencode(tmp_path / "d"), here)
+    with pytest.raises(OSError) as err:
+        fuse._list_directory(os.fsencode(tmp_path / "d"), here + 1)
+    assert err.value.errno == errno.EXDEV
+    with pytest.raises(OSError) as err:
+        fuse._list_directory(os.fsencode(tmp_path / "link"), here)
+    assert err.value.errno in (errno.ELOOP, errno.ENOTDIR)
