@@ -148,10 +148,11 @@ class _ListAhead:
     requests like anyone's), one directory at a time, each directory at most once per
     mount, and only directories of at most ``limit`` names: listing a huge directory for
     one name would cost more than it saves.  At most ``LIST_AHEAD_QUEUE`` directories wait;
-    the oldest give way to newer ones.  Measured here (``stat`` of 10,000 files in 100
-    directories by path, fresh mount, alternated runs): listing the subdirectories of a
-    listed directory as well was slower in path order (212-246 against 139-168 ms) and
-    no better in random order, so only directories a lookup touched are listed.
+    the oldest give way to newer ones.  Also listing the subdirectories of a listed
+    directory was tried (``stat`` of 10,000 files in 100 directories by path, fresh mounts,
+    alternated runs): slower in one set (212-246 against 139-168 ms), a little faster in
+    another (158-268 against 205-278 ms), no better in random order; it lists directories
+    nobody asked for, so only directories a lookup touched are listed.
     """
 
     def __init__(self, fs: LazyFilesystem, mountpoint: bytes, limit: int = LIST_AHEAD_MAX_ENTRIES) -> None:
