@@ -213,7 +213,7 @@ class MountedFs:
     started: float = dataclasses.field(default_factory=time.time)
     notes: list[str] = dataclasses.field(default_factory=list)
     traces: StartupTraces | None = None
-    metadata: Callable[[], Any] | None = None  # the FUSE adapter's MetadataStatistics, once mounted
+    metadata: Callable[[], fuse.MetadataStatistics] | None = None  # the FUSE adapter's, once mounted
 
     def status(self) -> dict[str, Any]:
         return {
@@ -540,8 +540,9 @@ async def run_mount(
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, fuse.terminate)
                 serving = asyncio.create_task(fuse.run())
-                adapter.list_ahead.device = await asyncio.to_thread(fuse.device_number, mountpoint)
-                note = await asyncio.to_thread(fuse.tune_read_ahead, mountpoint)
+                dev = await asyncio.to_thread(fuse.mount_device, mountpoint)
+                adapter.list_ahead.device = fuse.device_number(dev)
+                note = await asyncio.to_thread(fuse.tune_read_ahead, mountpoint, dev)
                 if note:
                     m.notes.append(note)
                     log.warning("%s", note)

@@ -54,7 +54,9 @@ import pyfuse3.asyncio  # noqa: E402
 from lazyfs.errors import FilesystemError, LazyfsError  # noqa: E402
 from lazyfs.fs import Attr, LazyFilesystem  # noqa: E402
 
-__all__ = ["FuseAdapter", "MetadataStatistics", "close", "mount", "run", "tune_read_ahead"]
+__all__ = [
+    "FuseAdapter", "MetadataStatistics", "close", "device_number", "mount", "mount_device", "run", "tune_read_ahead",
+]
 
 log = logging.getLogger(__name__)
 
@@ -441,21 +443,18 @@ def mount_device(mountpoint: Path) -> str | None:
     return found
 
 
-def device_number(mountpoint: Path) -> int | None:
-    """``st_dev`` of the filesystem mounted at ``mountpoint`` (from mountinfo, see :func:`mount_device`)."""
-    dev = mount_device(mountpoint)
-    if dev is None:
-        return None
-    major, _, minor = dev.partition(":")
+def device_number(dev: str | None) -> int | None:
+    """``st_dev`` from :func:`mount_device`'s ``major:minor`` (None stays None)."""
+    major, _, minor = (dev or "").partition(":")
     try:
         return os.makedev(int(major), int(minor))
     except ValueError:
         return None
 
 
-def tune_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> str | None:
-    """Raise the mount's read-ahead; returns why it could not, or None on success."""
-    dev = mount_device(mountpoint)
+def tune_read_ahead(mountpoint: Path, dev: str | None, kb: int = READ_AHEAD_KB) -> str | None:
+    """Raise the read-ahead of the mount at ``mountpoint``, whose ``major:minor`` is ``dev``
+    (:func:`mount_device`); returns why it could not, or None on success."""
     if dev is None:
         return f"could not find {mountpoint} in /proc/self/mountinfo; read-ahead not tuned"
     try:

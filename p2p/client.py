@@ -396,7 +396,7 @@ class PeerClient:
         for key, pool in list(self._pools.items()):
             fresh = []
             for conn in pool.idle:
-                if conn.reusable and now - conn.idle_since < self._keepalive:
+                if self._fresh(conn, now):
                     fresh.append(conn)
                 else:
                     conn.close()
@@ -404,12 +404,16 @@ class PeerClient:
             if not fresh and not pool.busy:
                 del self._pools[key]
 
+    def _fresh(self, conn: _Connection, now: float) -> bool:
+        """An idle connection that may carry the next request."""
+        return conn.reusable and now - conn.idle_since < self._keepalive
+
     async def _connection(self, key: str, pool: _Pool) -> tuple[_Connection, bool]:
         """An idle connection to ``key`` (True) or a new one (False)."""
         now = asyncio.get_running_loop().time()
         while pool.idle:
             conn = pool.idle.pop()
-            if conn.reusable and now - conn.idle_since < self._keepalive:
+            if self._fresh(conn, now):
                 return conn, True
             conn.close()
         return await self._connect(key), False

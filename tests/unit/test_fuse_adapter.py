@@ -197,3 +197,9 @@ def test_a_directory_off_the_mount_or_behind_a_symlink_is_not_read(tmp_path: Pat
     with pytest.raises(OSError) as err:
         fuse._list_directory(os.fsencode(tmp_path / "link"), here)
     assert err.value.errno in (errno.ELOOP, errno.ENOTDIR)
+
+
+def test_device_number_from_mountinfo_text() -> None:
+    assert fuse.device_number("0:99") == DEV
+    assert fuse.device_number(None) is None
+    assert fuse.device_number("not:a-number") is None
